@@ -1,0 +1,396 @@
+"""Shared machinery of the whitening layers: options, buffers, input checks, running statistics."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..distributed import SYNC_MODES, SyncMode, resolve_process_group
+
+__all__ = ["WhiteningNorm"]
+
+_FLOAT_BUFFER_DTYPES = (torch.float32, torch.float64)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class WhiteningNorm(nn.Module):
+    """Base class of group-wise batch whitening layers (:class:`IterNorm`, :class:`DBN`, :class:`SWBN`).
+
+    In training, an input ``(N, C, *spatial)`` is whitened per group of ``group_size`` channels
+    with its batch mean and covariance, then scaled and shifted per channel by ``weight`` and
+    ``bias``. In eval, a fixed affine map from the running buffers is applied. Subclasses only
+    define how the whitening matrix follows from the batch covariance and what they keep as
+    running state.
+
+    It deliberately does not subclass ``torch.nn.modules.batchnorm._BatchNorm``: Lightning's
+    ``sync_batchnorm=True`` and ``SyncBatchNorm.convert_sync_batchnorm`` convert every such
+    subclass into a plain ``SyncBatchNorm``, which would silently undo the whitening.
+
+    Numerics: covariances and matrix functions run in float32 (float64 for float64 inputs)
+    whatever the autocast or module dtype; the output has the input's dtype and memory format.
+    Running buffers are kept in at least float32 even when the module is cast to half precision.
+
+    Non-finite batches: if a training batch gives a non-finite mean or covariance, every running
+    buffer (and SWBN's whitening matrix) is left unchanged -- without a host synchronization --
+    and, when ``check_finite=True`` (the default) and not under ``torch.compile``, a
+    ``RuntimeWarning`` names the layer. The output is then non-finite too, so the loss shows it
+    (and AMP's gradient scaler skips the step as usual).
+    """
+
+    #: Default channels per group.
+    default_group_size: ClassVar[int] = 64
+    #: Whether eval output can equal a BatchNorm's that uses batch statistics in eval.
+    _exact_without_running_stats: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        num_features: int,
+        group_size: int | None = None,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        sync: SyncMode = "batch",
+        check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if group_size is None:
+            group_size = self.default_group_size
+        try:
+            layout = F.group_layout(num_features, group_size)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        if sync not in SYNC_MODES:
+            raise ValueError(f"{name}: sync must be one of {SYNC_MODES}, got {sync!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"{name}: dtype must be a floating-point dtype, got {dtype}")
+        self.num_features = num_features
+        #: Channels per group actually used (``group_size`` clamped to ``num_features``).
+        self.group_size = layout.group_size
+        #: The ``group_size`` that was asked for (differs when it was clamped).
+        self.requested_group_size = group_size
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.sync = sync
+        self.check_finite = check_finite
+        #: Process group used when ``sync="batch"`` (``None``: the default world group).
+        self.process_group: Any = None
+        #: Qualified name in a model, set by :func:`lightning_whiten.convert` for messages.
+        self.qualified_name: str | None = None
+
+        factory = {"device": device, "dtype": dtype}
+        buffer_factory = {"device": device, "dtype": _buffer_dtype(dtype)}
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **buffer_factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.register_buffer("group_mask", F.valid_mask(layout, device), persistent=False)
+
+    # ----------------------------------------------------------------------------------------
+    # Hooks for subclasses
+    # ----------------------------------------------------------------------------------------
+    def _batch_matrix(self, cov: Tensor) -> Tensor:
+        """Differentiable whitening matrix ``(G, d, d)`` from a batch covariance."""
+        raise NotImplementedError
+
+    def _inference_map(self) -> tuple[Tensor, Tensor]:
+        """``(matrix (G, d, d), offset (C,))`` of the eval-time map from the running buffers."""
+        raise NotImplementedError
+
+    def _update_state(
+        self, moments: F.BatchMoments, matrix: Tensor, factor: Tensor, finite: Tensor
+    ) -> None:
+        """Update method-specific state after a training batch (guarded by ``finite``)."""
+
+    def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
+        """Initialize the running state so that eval equals BatchNorm with these statistics."""
+        raise NotImplementedError
+
+    @classmethod
+    def _options_from_batchnorm(cls, bn: nn.Module) -> dict[str, Any]:
+        """Constructor options taken over from a BatchNorm (before user overrides)."""
+        # Frozen BatchNorms have no momentum: the layer's own default applies then.
+        return {"momentum": bn.momentum} if hasattr(bn, "momentum") else {}
+
+    # ----------------------------------------------------------------------------------------
+    # Layout helpers
+    # ----------------------------------------------------------------------------------------
+    @property
+    def layout(self) -> F.GroupLayout:
+        return F.group_layout(self.num_features, self.group_size)
+
+    @property
+    def num_groups(self) -> int:
+        return self.layout.num_groups
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """The size of each channel group, e.g. ``(64, 64, 32)``."""
+        return self.layout.sizes
+
+    def _identity_matrices(self, **factory: Any) -> Tensor:
+        g, d = self.num_groups, self.group_size
+        return torch.eye(d, **factory).expand(g, d, d).clone()
+
+    def _grouped(self, values: Tensor, fill: float = 1.0) -> Tensor:
+        """``(C,)`` -> ``(G, d)``, padding channels filled with ``fill``."""
+        pad = self.num_groups * self.group_size - self.num_features
+        if pad:
+            values = torch.cat([values, values.new_full((pad,), fill)])
+        return values.view(self.num_groups, self.group_size)
+
+    def _diag_matrices(self, values: Tensor) -> Tensor:
+        """``(C,)`` -> block-diagonal ``(G, d, d)`` with ``values`` on the diagonal."""
+        return torch.diag_embed(self._grouped(values))
+
+    def describe(self) -> str:
+        """Short name for messages: the qualified name if known, else the class and options."""
+        base = f"{type(self).__name__}({self.num_features}, group_size={self.group_size})"
+        return f"{base} at '{self.qualified_name}'" if self.qualified_name else base
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor, batch_stats: bool) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.describe()}: expected a Tensor input, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(
+                f"{self.describe()}: expected a floating-point input, got dtype {x.dtype}"
+            )
+        if not 2 <= x.dim() <= 5:
+            raise ValueError(
+                f"{self.describe()}: expected an input of shape (N, C), (N, C, L), (N, C, H, W) "
+                f"or (N, C, D, H, W), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self.describe()}: expected {self.num_features} channels (num_features) in "
+                f"dim 1, got input of shape {tuple(x.shape)}"
+            )
+        if batch_stats:
+            samples = x.numel() // self.num_features
+            if samples < 2:
+                raise ValueError(
+                    f"{self.describe()}: batch statistics need more than one sample per channel "
+                    f"group, got input of shape {tuple(x.shape)} ({samples} sample); use a larger "
+                    "batch or call .eval()"
+                )
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch_stats = self.training or not self.track_running_stats
+        return self._normalize(x, batch_stats=batch_stats, update=self.training, affine=True)
+
+    def whiten_batch(self, x: Tensor) -> Tensor:
+        """The training-mode transform without affine, touching no state (for diagnostics).
+
+        Uses the statistics of ``x`` alone (no cross-process sync) and updates no running
+        buffer or whitening matrix; SND and whiteness measurements are built on it.
+        """
+        return self._normalize(x, batch_stats=True, update=False, affine=False)
+
+    def _normalize(self, x: Tensor, batch_stats: bool, update: bool, affine: bool) -> Tensor:
+        self._check_input(x, batch_stats)
+        cdtype = self._compute_dtype(x)
+        with F._no_autocast(x):
+            xf = x.to(cdtype)
+            weight = self.weight.to(cdtype) if affine and self.weight is not None else None
+            bias = self.bias.to(cdtype) if affine and self.bias is not None else None
+            if batch_stats:
+                group = resolve_process_group(self.sync, self.process_group) if update else None
+                shift = None
+                if group is not None:
+                    # Shifted sums add up across ranks only around a shift shared by all ranks.
+                    shift = (
+                        self.running_mean
+                        if self.running_mean is not None
+                        else xf.new_zeros(self.num_features)
+                    )
+                moments = F.batch_covariance(xf, self.group_size, shift=shift, process_group=group)
+                matrix = self._batch_matrix(moments.cov)
+                if update:
+                    self._update(moments, matrix)
+                y = F.grouped_affine(moments.shifted, matrix, moments.offset, weight, bias)
+            else:
+                matrix, offset = self._inference_map()
+                y = F.grouped_affine(xf, matrix.to(cdtype), offset.to(cdtype), weight, bias)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update(self, moments: F.BatchMoments, matrix: Tensor) -> None:
+        finite = torch.isfinite(moments.cov).all() & torch.isfinite(moments.mean).all()
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+        if self.momentum is None:
+            # Cumulative moving average, as torch's BatchNorm with momentum=None.
+            steps = (
+                self.num_batches_tracked
+                if self.track_running_stats
+                else torch.ones((), device=moments.mean.device)
+            )
+            factor = 1.0 / steps.clamp_min(1).to(moments.mean.dtype)
+        else:
+            factor = torch.tensor(float(self.momentum), dtype=moments.mean.dtype, device=moments.mean.device)
+        if self.track_running_stats:
+            _lerp_(self.running_mean, moments.mean, factor, finite)
+        self._update_state(moments, matrix.detach(), factor, finite)
+        if self.check_finite and not _is_compiling() and not bool(finite):
+            warnings.warn(
+                f"{self.describe()}: non-finite values in the training batch (mean or covariance "
+                "is NaN/inf); running statistics were left unchanged for this batch",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Conversion from BatchNorm
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, **kwargs: Any):
+        """A layer whose eval output equals ``bn``'s eval output.
+
+        Carries over the running mean/variance (folded into the running whitening map), the
+        affine ``weight``/``bias`` (values and ``requires_grad``), the momentum, the device, the
+        dtype and the train/eval mode. Works for ``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
+        timm's ``BatchNormAct2d`` and torchvision/timm ``FrozenBatchNorm2d`` (whose frozen
+        affine becomes parameters with ``requires_grad=False``).
+
+        Args:
+            bn: the normalization module to replace.
+            **kwargs: constructor options of this class (``group_size``, ``iterations``, ...);
+                they override what is taken from ``bn``.
+        """
+        running_mean = getattr(bn, "running_mean", None)
+        running_var = getattr(bn, "running_var", None)
+        weight = getattr(bn, "weight", None)
+        bias = getattr(bn, "bias", None)
+        ref = weight if weight is not None else running_mean
+        if ref is None:
+            raise ValueError(
+                f"{cls.__name__}.from_batchnorm: {type(bn).__name__} has neither affine weights "
+                "nor running statistics; nothing to convert"
+            )
+        num_features = int(getattr(bn, "num_features", ref.numel()))
+        tracks = running_mean is not None and running_var is not None
+        options: dict[str, Any] = {
+            "affine": weight is not None,
+            "track_running_stats": tracks,
+            "device": ref.device,
+            "dtype": ref.dtype if ref.dtype.is_floating_point else None,
+        }
+        options.update(cls._options_from_batchnorm(bn))
+        options.update(kwargs)
+        if not tracks and options["track_running_stats"] is not False:
+            raise ValueError(
+                f"{cls.__name__}.from_batchnorm: {type(bn).__name__} has no running statistics"
+            )
+        if not tracks and not cls._exact_without_running_stats and "track_running_stats" not in kwargs:
+            raise ValueError(
+                f"{cls.__name__}.from_batchnorm: {type(bn).__name__}({num_features}) uses batch "
+                "statistics in eval (track_running_stats=False), which a whitening layer cannot "
+                "reproduce; pass track_running_stats=False to convert it anyway"
+            )
+        layer = cls(num_features, **options)
+        with torch.no_grad():
+            if layer.weight is not None and weight is not None:
+                layer.weight.copy_(weight)
+                layer.bias.copy_(bias)
+                layer.weight.requires_grad_(isinstance(weight, nn.Parameter) and weight.requires_grad)
+                layer.bias.requires_grad_(isinstance(bias, nn.Parameter) and bias.requires_grad)
+            if tracks and layer.track_running_stats:
+                layer._set_running_stats(running_mean, running_var, float(getattr(bn, "eps", 1e-5)))
+                tracked = getattr(bn, "num_batches_tracked", None)
+                if tracked is not None:
+                    layer.num_batches_tracked.copy_(tracked)
+        layer.train(bn.training)
+        return layer
+
+    # ----------------------------------------------------------------------------------------
+    # Module plumbing
+    # ----------------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Schedules change options between steps: validate every assignment, not just __init__.
+        if name == "momentum":
+            _check_momentum(type(self).__name__, value)
+        elif name == "eps" and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+        ):
+            raise ValueError(f"{type(self).__name__}: eps must be a positive number, got {value!r}")
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # Keep running statistics in at least float32 when the module is cast to fp16/bf16
+        # (e.g. Trainer(precision="16-true")): a momentum average in half precision drifts.
+        dtypes = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if (
+                buf is not None
+                and buf.dtype.is_floating_point
+                and buf.dtype not in _FLOAT_BUFFER_DTYPES
+                and dtypes.get(name) in _FLOAT_BUFFER_DTYPES
+            ):
+                self._buffers[name] = buf.to(torch.float32)
+        return self
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.num_features}",
+            f"group_size={self.group_size}",
+            *self._extra_repr_options(),
+            f"eps={self.eps}",
+            f"momentum={self.momentum}",
+            f"affine={self.affine}",
+            f"track_running_stats={self.track_running_stats}",
+        ]
+        if self.sync != "batch":
+            parts.append(f"sync={self.sync!r}")
+        return ", ".join(parts)
+
+    def _extra_repr_options(self) -> list[str]:
+        return []
+
+
+def _buffer_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype in _FLOAT_BUFFER_DTYPES:
+        return dtype
+    return torch.float32
+
+
+def _check_momentum(name: str, momentum: float | None) -> None:
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise ValueError(f"{name}: momentum must be a number in [0, 1] or None, got {momentum!r}")
+
+
+def _lerp_(buffer: Tensor, new: Tensor, factor: Tensor, finite: Tensor) -> None:
+    """``buffer <- (1 - factor) buffer + factor new`` unless the batch was non-finite (no sync)."""
+    updated = torch.lerp(buffer, new.to(buffer.dtype), factor.to(buffer.dtype))
+    buffer.copy_(torch.where(finite, updated, buffer))
+
