@@ -193,7 +193,9 @@ def _gram(a: Tensor, b: Tensor, kind: str, layout: GroupLayout) -> Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
 
 
-def _grouped_mm(matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, bias: Tensor | None) -> Tensor:
+def _grouped_mm(
+    matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, bias: Tensor | None
+) -> Tensor:
     """Per-group ``y_g = A_g v_g (+ bias)`` in the layout of ``v``."""
     g, d, r = layout.num_groups, layout.group_size, layout.last_group_size
     c = layout.num_features
@@ -237,7 +239,9 @@ def _grouped_mm(matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, bia
 
 def _matvec(matrices: Tensor, vec: Tensor, layout: GroupLayout) -> Tensor:
     """Per-group ``A_g v_g`` for a channel vector ``(C,)`` -> ``(C,)``."""
-    return _unpad_vector(torch.matmul(matrices, _pad_vector(vec, layout).unsqueeze(-1)).squeeze(-1), layout)
+    return _unpad_vector(
+        torch.matmul(matrices, _pad_vector(vec, layout).unsqueeze(-1)).squeeze(-1), layout
+    )
 
 
 def _outer(u: Tensor, v: Tensor, layout: GroupLayout) -> Tensor:
@@ -329,8 +333,10 @@ class _BatchCovariance(torch.autograd.Function):
             if ctx.process_group is not None:
                 # Every rank's loss depends on the global statistics: sum their gradients.
                 dm = d_mean if d_mean is not None else torch.zeros_like(delta)
-                dc = d_cov if d_cov is not None else shifted.new_zeros(
-                    layout.num_groups, layout.group_size, layout.group_size
+                dc = (
+                    d_cov
+                    if d_cov is not None
+                    else shifted.new_zeros(layout.num_groups, layout.group_size, layout.group_size)
                 )
                 packed = torch.cat([dm.reshape(-1), dc.reshape(-1)])
                 dist.all_reduce(packed, group=ctx.process_group)
@@ -383,7 +389,9 @@ def batch_covariance(
         shift = x.new_zeros(x.shape[1])
     with _no_autocast(x):
         return BatchMoments(
-            *_BatchCovariance.apply(x, shift.detach().to(x.dtype), layout, process_group, use_batch_mean)
+            *_BatchCovariance.apply(
+                x, shift.detach().to(x.dtype), layout, process_group, use_batch_mean
+            )
         )
 
 
@@ -425,7 +433,11 @@ class _GroupedAffine(torch.autograd.Function):
                 if need_w:
                     dw = _unpad_vector((matrices * cross).sum(-1), layout)
                 if need_a:
-                    dmat = cross * _pad_vector(weight, layout).unsqueeze(-1) if weight is not None else cross
+                    dmat = (
+                        cross * _pad_vector(weight, layout).unsqueeze(-1)
+                        if weight is not None
+                        else cross
+                    )
             if need_x:
                 dx = _like(_grouped_mm(a.transpose(-1, -2), g, kind, layout, None), kind, x)
             if need_off:
@@ -522,10 +534,16 @@ class _InverseSqrtEigh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sigma, floor):  # type: ignore[override]
-        evals, evecs = torch.linalg.eigh(sigma)
+        # LAPACK refuses non-finite input; decompose the identity for such groups instead and
+        # give them a NaN result, so a bad batch shows in the output (running statistics are
+        # guarded separately) rather than raising deep inside eigh or being silently "fixed".
+        finite = torch.isfinite(sigma).flatten(-2).all(-1).view(-1, 1, 1)
+        eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+        evals, evecs = torch.linalg.eigh(torch.where(finite, sigma, eye))
         # The exact eigenvalues of cov + eps I are >= eps; clamping only removes rounding error.
         s = evals.clamp_min(floor).sqrt()
         w = (evecs / s.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+        w = torch.where(finite, w, torch.full_like(w, float("nan")))
         ctx.save_for_backward(evecs, s)
         return w
 

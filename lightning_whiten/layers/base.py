@@ -255,7 +255,9 @@ class WhiteningNorm(nn.Module):
             )
             factor = 1.0 / steps.clamp_min(1).to(moments.mean.dtype)
         else:
-            factor = torch.tensor(float(self.momentum), dtype=moments.mean.dtype, device=moments.mean.device)
+            factor = torch.tensor(
+                float(self.momentum), dtype=moments.mean.dtype, device=moments.mean.device
+            )
         if self.track_running_stats:
             _lerp_(self.running_mean, moments.mean, factor, finite)
         self._update_state(moments, matrix.detach(), factor, finite)
@@ -309,7 +311,11 @@ class WhiteningNorm(nn.Module):
             raise ValueError(
                 f"{cls.__name__}.from_batchnorm: {type(bn).__name__} has no running statistics"
             )
-        if not tracks and not cls._exact_without_running_stats and "track_running_stats" not in kwargs:
+        if (
+            not tracks
+            and not cls._exact_without_running_stats
+            and "track_running_stats" not in kwargs
+        ):
             raise ValueError(
                 f"{cls.__name__}.from_batchnorm: {type(bn).__name__}({num_features}) uses batch "
                 "statistics in eval (track_running_stats=False), which a whitening layer cannot "
@@ -320,7 +326,9 @@ class WhiteningNorm(nn.Module):
             if layer.weight is not None and weight is not None:
                 layer.weight.copy_(weight)
                 layer.bias.copy_(bias)
-                layer.weight.requires_grad_(isinstance(weight, nn.Parameter) and weight.requires_grad)
+                layer.weight.requires_grad_(
+                    isinstance(weight, nn.Parameter) and weight.requires_grad
+                )
                 layer.bias.requires_grad_(isinstance(bias, nn.Parameter) and bias.requires_grad)
             if tracks and layer.track_running_stats:
                 layer._set_running_stats(running_mean, running_var, float(getattr(bn, "eps", 1e-5)))
@@ -385,7 +393,11 @@ def _buffer_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
 def _check_momentum(name: str, momentum: float | None) -> None:
     if momentum is None:
         return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0 <= momentum <= 1
+    ):
         raise ValueError(f"{name}: momentum must be a number in [0, 1] or None, got {momentum!r}")
 
 
@@ -393,4 +405,3 @@ def _lerp_(buffer: Tensor, new: Tensor, factor: Tensor, finite: Tensor) -> None:
     """``buffer <- (1 - factor) buffer + factor new`` unless the batch was non-finite (no sync)."""
     updated = torch.lerp(buffer, new.to(buffer.dtype), factor.to(buffer.dtype))
     buffer.copy_(torch.where(finite, updated, buffer))
-

@@ -59,8 +59,16 @@ class DBN(WhiteningNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            num_features, group_size, eps, momentum, affine, track_running_stats, sync,
-            check_finite, device, dtype,
+            num_features,
+            group_size,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            sync,
+            check_finite,
+            device,
+            dtype,
         )
         if track_running_stats:
             factory: dict[str, Any] = {"device": device, "dtype": self.running_mean.dtype}

@@ -73,8 +73,16 @@ class IterNorm(WhiteningNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            num_features, group_size, eps, momentum, affine, track_running_stats, sync,
-            check_finite, device, dtype,
+            num_features,
+            group_size,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            sync,
+            check_finite,
+            device,
+            dtype,
         )
         _check_iterations(iterations)
         if method not in ("newton", "coupled"):

@@ -24,8 +24,12 @@ class NormActMixin:
     """Adds ``drop`` and ``act`` submodules applied after the whitening layer's output."""
 
     def __init__(
-        self, num_features: int, *args: Any, act: nn.Module | None = None,
-        drop: nn.Module | None = None, **kwargs: Any,
+        self,
+        num_features: int,
+        *args: Any,
+        act: nn.Module | None = None,
+        drop: nn.Module | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
         self.drop = drop if drop is not None else nn.Identity()

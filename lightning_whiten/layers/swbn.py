@@ -66,8 +66,16 @@ class SWBN(WhiteningNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            num_features, group_size, eps, momentum, affine, track_running_stats, sync,
-            check_finite, device, dtype,
+            num_features,
+            group_size,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            sync,
+            check_finite,
+            device,
+            dtype,
         )
         if criterion not in ("kl", "fro"):
             raise ValueError(f"SWBN: criterion must be 'kl' or 'fro', got {criterion!r}")
@@ -109,7 +117,11 @@ class SWBN(WhiteningNorm):
         inv_std = (var + self.eps).rsqrt()
         cov_std = cov * inv_std.unsqueeze(-1) * inv_std.unsqueeze(-2)
         new_w = F.swbn_update(
-            self.whitening.to(cov.dtype), cov_std, self.whitening_rate, self.criterion, self.group_mask
+            self.whitening.to(cov.dtype),
+            cov_std,
+            self.whitening_rate,
+            self.criterion,
+            self.group_mask,
         )
         self.whitening.copy_(torch.where(finite, new_w.to(self.whitening.dtype), self.whitening))
         if self.track_running_stats:
@@ -120,7 +132,9 @@ class SWBN(WhiteningNorm):
     def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
         self.running_mean.copy_(mean)
         self.running_var.copy_(var)
-        self.whitening.copy_(self._identity_matrices(dtype=self.whitening.dtype, device=self.whitening.device))
+        self.whitening.copy_(
+            self._identity_matrices(dtype=self.whitening.dtype, device=self.whitening.device)
+        )
 
     def _extra_repr_options(self) -> list[str]:
         return [f"whitening_rate={self.whitening_rate}", f"criterion={self.criterion!r}"]

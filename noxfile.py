@@ -1,0 +1,44 @@
+"""Developer sessions: ``uvx nox -s tests``, ``-s lint``, ``-s bench``.
+
+Each session syncs the locked environment with uv into its own virtualenv.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["lint", "tests"]
+
+
+def _sync(session: nox.Session) -> None:
+    session.run_install(
+        "uv",
+        "sync",
+        "--locked",
+        "--group",
+        "dev",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (the same command as CI)."""
+    _sync(session)
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    _sync(session)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Layer- and model-level benchmarks; writes JSON to benchmarks/results/."""
+    _sync(session)
+    session.run("python", "-m", "benchmarks.run", *session.posargs)
