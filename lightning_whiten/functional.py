@@ -194,34 +194,36 @@ def _gram(a: Tensor, b: Tensor, kind: str, layout: GroupLayout) -> Tensor:
 
 
 def _grouped_mm(
-    matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, bias: Tensor | None
+    matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, bias: Tensor | None, out: Tensor
 ) -> Tensor:
-    """Per-group ``y_g = A_g v_g (+ bias)`` in the layout of ``v``."""
+    """Per-group ``out_g = A_g v_g (+ bias)``; ``out`` is a view (same layout as ``v``) to fill."""
     g, d, r = layout.num_groups, layout.group_size, layout.last_group_size
-    c = layout.num_features
     full = g if r == d else g - 1
     cf = full * d
     if kind == "cf":
         n, _, length = v.shape
-        parts = []
         if full:
             vf = v if r == d else v[:, :cf]
             a = matrices[:full].unsqueeze(0).expand(n, full, d, d).reshape(n * full, d, d)
             vb = vf.reshape(n * full, d, length)
+            # Write straight into the output when its full groups are one contiguous block.
+            target = out.view(n * full, d, length) if r == d else None
             if bias is not None:
                 bb = bias[:cf].view(1, full, d, 1).expand(n, full, d, 1).reshape(n * full, d, 1)
-                yf = torch.baddbmm(bb, a, vb)
+                yf = (
+                    torch.baddbmm(bb, a, vb, out=target)
+                    if target is not None
+                    else torch.baddbmm(bb, a, vb)
+                )
             else:
-                yf = torch.bmm(a, vb)
-            parts.append(yf.view(n, cf, length))
+                yf = torch.bmm(a, vb, out=target) if target is not None else torch.bmm(a, vb)
+            if target is None:
+                out[:, :cf] = yf.view(n, cf, length)
         if r != d:
             yl = torch.matmul(matrices[-1, :r, :r], v[:, cf:])
-            if bias is not None:
-                yl = yl + bias[cf:].view(1, r, 1)
-            parts.append(yl)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            out[:, cf:] = yl if bias is None else yl + bias[cf:].view(1, r, 1)
+        return out
     m = v.shape[0]
-    out = torch.empty(m, c, dtype=v.dtype, device=v.device)
     if full:
         vf = v[:, :cf].reshape(m, full, d).transpose(0, 1)
         of = out[:, :cf].view(m, full, d).transpose(0, 1)
@@ -234,6 +236,27 @@ def _grouped_mm(
     if r != d:
         yl = v[:, cf:] @ matrices[-1, :r, :r].t()
         out[:, cf:] = yl if bias is None else yl + bias[cf:]
+    return out
+
+
+def _grouped_mm_like(
+    matrices: Tensor, t: Tensor, layout: GroupLayout, bias: Tensor | None
+) -> Tensor:
+    """``_grouped_mm`` on an activation ``t`` returning a new tensor in ``t``'s memory format.
+
+    The result is never a view (autograd forbids in-place ops, such as timm's in-place
+    activations, on views created inside a custom Function).
+    """
+    v, kind = _as_view(t)
+    if kind == "cf" or t.dim() == 2:
+        out = torch.empty(t.shape, dtype=v.dtype, device=v.device)
+    else:
+        # channels_last-like: t is dense with channels innermost, the same strides keep it so.
+        out = torch.empty_strided(t.shape, t.stride(), dtype=v.dtype, device=v.device)
+    view, _ = _as_view(out)
+    # The kernels write through this view: it must alias ``out``, never be a copy.
+    assert (view.data_ptr() == out.data_ptr() and view._base is not None) or view is out
+    _grouped_mm(matrices, v, kind, layout, bias, view)
     return out
 
 
@@ -303,7 +326,7 @@ class _BatchCovariance(torch.autograd.Function):
             dist.all_reduce(packed, group=process_group)
             s1 = packed[:c]
             gram = packed[c:-1].view_as(gram)
-            n = packed[-1]
+            n = packed[-1].clone()
             delta = s1 / n
             cov = gram / n - _outer(delta, delta, layout)
         else:
@@ -343,14 +366,12 @@ class _BatchCovariance(torch.autograd.Function):
                 d_mean = packed[: layout.num_features]
                 d_cov = packed[layout.num_features :].view_as(dc)
             bias = d_mean / n if d_mean is not None else None
-            v, kind = _as_view(shifted)
             if d_cov is not None:
                 # d cov / d x_c = (dC + dC^T) x_c / n, with x_c = shifted - delta.
                 s = (d_cov + d_cov.transpose(-1, -2)) / n
                 c_term = -_matvec(s, delta, layout)
                 bias = c_term if bias is None else bias + c_term
-                dx = _grouped_mm(s, v, kind, layout, bias)
-                dx = _like(dx, kind, shifted)
+                dx = _grouped_mm_like(s, shifted, layout, bias)
                 if d_shifted is not None:
                     dx = dx + d_shifted
             else:
@@ -407,8 +428,7 @@ class _GroupedAffine(torch.autograd.Function):
         b = -_matvec(a, offset, layout)
         if bias is not None:
             b = b + bias
-        v, kind = _as_view(x)
-        y = _like(_grouped_mm(a, v, kind, layout, b), kind, x)
+        y = _grouped_mm_like(a, x, layout, b)
         ctx.save_for_backward(x, matrices, offset, weight)
         ctx.layout = layout
         ctx.has_bias = bias is not None
@@ -439,7 +459,7 @@ class _GroupedAffine(torch.autograd.Function):
                         else cross
                     )
             if need_x:
-                dx = _like(_grouped_mm(a.transpose(-1, -2), g, kind, layout, None), kind, x)
+                dx = _grouped_mm_like(a.transpose(-1, -2), _like(g, kind, x), layout, None)
             if need_off:
                 doff = -_matvec(a.transpose(-1, -2), s_dy, layout)
             if need_b and ctx.has_bias:

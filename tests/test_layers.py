@@ -73,6 +73,24 @@ def test_training_forward_and_backward_match_float64_reference(name, shape, memo
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize(
+    ("shape", "make_strided"),
+    [
+        pytest.param((64, 40), lambda x: x.t().contiguous().t(), id="column-major-2d"),
+        pytest.param((6, 40, 10), lambda x: x[:, :, ::2], id="strided-3d"),
+        pytest.param((4, 40, 3, 5), lambda x: x.transpose(2, 3), id="transposed-4d"),
+    ],
+)
+def test_non_contiguous_inputs_match_contiguous(name, shape, make_strided):
+    layer = make(name, **({"whitening_rate": 0.0} if name == "swbn" else {}))
+    x = make_strided(ref.correlated(shape))
+    assert not x.is_contiguous()
+    for training in (True, False):
+        layer.train(training)
+        torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
 def test_eval_applies_the_affine_map_of_the_running_buffers(name):
     layer = make(name, momentum=0.5)
     for _ in range(3):

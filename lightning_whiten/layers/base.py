@@ -89,6 +89,8 @@ class WhiteningNorm(nn.Module):
         self.process_group: Any = None
         #: Qualified name in a model, set by :func:`lightning_whiten.convert` for messages.
         self.qualified_name: str | None = None
+        #: How to rebuild the module this layer replaced (set by ``convert``, used by ``export``).
+        self.converted_from: Any = None
 
         factory = {"device": device, "dtype": dtype}
         buffer_factory = {"device": device, "dtype": _buffer_dtype(dtype)}
