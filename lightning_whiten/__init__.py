@@ -1,6 +1,7 @@
 """lightning-whiten: batch whitening (IterNorm, DBN, SWBN) for PyTorch and PyTorch Lightning."""
 
-from . import functional
+from . import functional, schedules
+from .checkpoint import load_converted
 from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
 from .surgery import ConversionReport, convert, export
 
@@ -14,9 +15,21 @@ __all__ = [
     "IterNorm",
     "IterNormAct",
     "SWBNAct",
+    "WhiteningCallback",
     "WhiteningNorm",
     "__version__",
     "convert",
     "export",
     "functional",
+    "load_converted",
+    "schedules",
 ]
+
+
+def __getattr__(name: str):
+    # The Lightning adapters are imported on first use: the core stays plain PyTorch.
+    if name in ("WhiteningCallback", "WhiteningMonitor"):
+        from . import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'lightning_whiten' has no attribute {name!r}")

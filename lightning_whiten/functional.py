@@ -254,8 +254,9 @@ def _grouped_mm_like(
         # channels_last-like: t is dense with channels innermost, the same strides keep it so.
         out = torch.empty_strided(t.shape, t.stride(), dtype=v.dtype, device=v.device)
     view, _ = _as_view(out)
-    # The kernels write through this view: it must alias ``out``, never be a copy.
-    assert (view.data_ptr() == out.data_ptr() and view._base is not None) or view is out
+    # The kernels write through this view: it must alias ``out`` (a copy would be a new
+    # allocation; ``_base`` is not usable, inference mode does not track views).
+    assert view.data_ptr() == out.data_ptr(), "internal error: output view is a copy"
     _grouped_mm(matrices, v, kind, layout, bias, view)
     return out
 

@@ -46,6 +46,9 @@ class WhiteningNorm(nn.Module):
 
     #: Default channels per group.
     default_group_size: ClassVar[int] = 64
+    #: Attributes that may change between steps (schedules): structural ones such as
+    #: ``group_size`` may not, they shape the buffers.
+    schedulable: ClassVar[tuple[str, ...]] = ("eps", "momentum")
     #: Whether eval output can equal a BatchNorm's that uses batch statistics in eval.
     _exact_without_running_stats: ClassVar[bool] = False
 

@@ -56,6 +56,7 @@ class IterNorm(WhiteningNorm):
     """
 
     default_group_size = 64
+    schedulable = ("eps", "momentum", "iterations")
 
     def __init__(
         self,

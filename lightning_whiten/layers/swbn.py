@@ -48,6 +48,7 @@ class SWBN(WhiteningNorm):
     """
 
     default_group_size = 64
+    schedulable = ("eps", "momentum", "whitening_rate")
     _exact_without_running_stats = True
 
     def __init__(

@@ -1,0 +1,105 @@
+"""Small LightningModules and data for the callback tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_data(n: int = 96, seed: int = 0, size: int = 8) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(4, 3, size, size, generator=gen)
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    images = prototypes[labels] + 0.5 * torch.randn(n, 3, size, size, generator=gen)
+    return TensorDataset(images, labels)
+
+
+def loader(batch_size: int = 16, n: int = 96, seed: int = 0) -> DataLoader:
+    # no shuffling: resumed and uninterrupted runs must see the same batches
+    return DataLoader(make_data(n, seed), batch_size=batch_size, shuffle=False)
+
+
+def build_net(width: int = 32) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4),
+    )  # fmt: skip
+
+
+class TinyClassifier(pl.LightningModule):
+    """A small CNN; ``build_in="configure_model"`` builds the network lazily (idempotently)."""
+
+    def __init__(
+        self, lr: float = 0.05, build_in: str = "init", step_lr: bool = False, width: int = 32
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: nn.Module | None = build_net(width) if build_in == "init" else None
+        # an auxiliary head that training does not use (for the sync_batchnorm test)
+        self.aux = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.losses: list[float] = []
+        self.seen: list[dict] = []
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = build_net(self.hparams.width)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        layer = next((m for m in self.modules() if hasattr(m, "group_size")), None)
+        if layer is not None:
+            self.seen.append(
+                {
+                    k: getattr(layer, k)
+                    for k in ("iterations", "whitening_rate", "momentum")
+                    if hasattr(layer, k)
+                }
+            )
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        if not self.hparams.step_lr:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class BufferDump(pl.Callback):
+    """Writes each rank's whitening buffers at the end of fit (DDP tests)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_whiten.layers import WhiteningNorm
+
+        buffers = {
+            f"{name}.{b}": t.detach().cpu().clone()
+            for name, m in pl_module.named_modules()
+            if isinstance(m, WhiteningNorm)
+            for b, t in m.named_buffers(recurse=False)
+            if t is not None
+        }
+        types = {name: type(m).__name__ for name, m in pl_module.named_modules() if name}
+        torch.save(
+            {"buffers": buffers, "types": types},
+            os.path.join(self.directory, f"rank{trainer.global_rank}.pt"),
+        )
