@@ -99,7 +99,9 @@ class BufferDump(pl.Callback):
             if t is not None
         }
         types = {name: type(m).__name__ for name, m in pl_module.named_modules() if name}
+        monitors = [c for c in trainer.callbacks if type(c).__name__ == "WhiteningMonitor"]
+        sampled = len(monitors[0].step_ms) if monitors else None
         torch.save(
-            {"buffers": buffers, "types": types},
+            {"buffers": buffers, "types": types, "monitor_sampled": sampled},
             os.path.join(self.directory, f"rank{trainer.global_rank}.pt"),
         )

@@ -278,8 +278,9 @@ def test_ddp_fit_keeps_whitening_buffers_identical_across_ranks(tmp_path):
     callback = lw.WhiteningCallback(
         "swbn", layer_options={"group_size": 16, "whitening_rate": 0.01}, exclude="aux"
     )
+    monitor = lw.WhiteningMonitor(every_n_steps=2, snd_every_n_epochs=0, summary=False)
     t = trainer(
-        tmp_path, [callback, BufferDump(str(tmp_path))], # no buffer broadcast: only the layers' own covariance sync can keep the ranks identical
+        tmp_path, [callback, monitor, BufferDump(str(tmp_path))], # no buffer broadcast: only the layers' own covariance sync can keep the ranks identical
         strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True, broadcast_buffers=False),
         devices=2,
         max_steps=4,
@@ -292,3 +293,5 @@ def test_ddp_fit_keeps_whitening_buffers_identical_across_ranks(tmp_path):
         torch.testing.assert_close(value, rank1["buffers"][key], rtol=0, atol=0, msg=key)
     assert not torch.allclose(rank0["buffers"]["net.1.whitening"], torch.eye(16))  # it trained
     assert rank0["types"]["net.1"] == "SWBN"
+    # the monitor measures on rank 0 only
+    assert rank0["monitor_sampled"] == 2 and rank1["monitor_sampled"] == 0

@@ -1,0 +1,90 @@
+"""WhiteningMonitor in a short CPU fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning_helpers import TinyClassifier, loader
+from test_callback import RecordingLogger
+
+import lightning_whiten as lw
+
+
+def fit(tmp_path, monitor=None, layer="iternorm", max_epochs=2, logger=None):
+    seed_everything(0)
+    model = TinyClassifier()
+    callbacks = [
+        lw.WhiteningCallback(
+            layer, layer_options={"group_size": 16}, exclude="aux", log_report=False
+        )
+    ]
+    if monitor is not None:
+        callbacks.append(monitor)
+    Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_epochs=max_epochs, callbacks=callbacks,
+        logger=logger or False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(model, loader())  # fmt: skip
+    return model
+
+
+def test_monitor_logs_the_documented_keys(tmp_path, capsys):
+    logger = RecordingLogger()
+    monitor = lw.WhiteningMonitor(every_n_steps=3, snd_num_batches=4, snd_probes=4)
+    fit(tmp_path, monitor, logger=logger)
+    keys = set().union(*logger.metrics)
+    for key in ("whiten/step_ms", "whiten/overhead_ms", "whiten/overhead_pct", "whiten/memory_mb"):
+        assert key in keys
+    for layer in ("net.1", "net.4"):
+        for metric in (
+            "forward_ms",
+            "backward_ms",
+            "saved_mb",
+            "snd",
+            "whiteness",
+            "condition_number",
+            "newton_residual",
+        ):
+            assert f"whiten/{layer}/{metric}" in keys, (layer, metric)
+    assert "net.1" in capsys.readouterr().out  # summary table
+    # 2 epochs x 6 batches, every 3rd batch sampled; SND once per epoch
+    assert len(monitor.step_ms) == 4
+    assert sum("whiten/net.1/snd" in m for m in logger.metrics) == 2
+    step = [m for m in logger.metrics if "whiten/overhead_pct" in m]
+    for m in step:
+        assert 0 < m["whiten/overhead_pct"] <= 100
+        assert m["whiten/net.1/forward_ms"] > 0 and m["whiten/net.1/backward_ms"] > 0
+        assert m["whiten/overhead_ms"] <= m["whiten/step_ms"]
+    # the layer keeps one activation-sized tensor for backward (its centered input,
+    # (16, 32, 8, 8) float32 = 128 KiB) plus small (G, d, d) matrices of the iterations
+    activation = 16 * 32 * 8 * 8 * 4 / 2**20
+    assert activation <= step[0]["whiten/net.1/saved_mb"] < 1.3 * activation
+    rows = {r["layer"]: r for r in monitor.summary_rows()}
+    assert rows["net.1"]["type"] == "IterNorm" and rows["net.1"]["iterations"] == 5
+    assert rows["net.1"]["snd"] > 0 and 0 < rows["net.1"]["share_pct"] < 100
+
+
+def test_monitor_does_not_change_training(tmp_path):
+    without = fit(tmp_path / "a", None)
+    with_monitor = fit(tmp_path / "b", lw.WhiteningMonitor(every_n_steps=2, include_batchnorm=True))
+    assert with_monitor.losses == without.losses
+    for (name, a), (_, b) in zip(
+        without.state_dict().items(), with_monitor.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_monitor_compares_with_batchnorm_and_swbn(tmp_path):
+    monitor = lw.WhiteningMonitor(
+        every_n_steps=2, include_batchnorm=True, layers=["net.*", "aux.*"], summary=False
+    )
+    fit(tmp_path, monitor, layer="swbn", max_epochs=1)
+    rows = {r["layer"]: r for r in monitor.summary_rows()}
+    assert rows["net.1"]["type"] == "SWBN" and rows["net.1"]["iterations"] is None
+    assert "aux.1" in rows and rows["aux.1"]["type"] == "BatchNorm1d"
+
+
+def test_monitor_rejects_bad_options():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        lw.WhiteningMonitor(every_n_steps=-1)
