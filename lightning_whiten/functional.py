@@ -17,7 +17,7 @@ activations to float32 first, so covariances and iterations never run in fp16/bf
 The activation-sized work is done by two autograd Functions whose backward passes save only
 the centered input (the same memory as BatchNorm, whatever the number of iterations):
 
-* :func:`batch_covariance` -- ``x -> (x - shift, mean, cov)``.
+* :func:`batch_covariance` -- ``x -> (x, mean, cov)`` (x passes through to carry its gradient).
 * :func:`grouped_affine` -- ``y = weight * (A (x - offset)) + bias`` with a block-diagonal ``A``.
 
 The method-specific part is a differentiable function of the small ``(G, d, d)`` covariance:
@@ -39,6 +39,11 @@ from torch import Tensor
 __all__ = [
     "BatchMoments",
     "GroupLayout",
+    "IterNormMap",
+    "MatrixMap",
+    "StandardizeMap",
+    "WhitenResult",
+    "ZCAMap",
     "batch_covariance",
     "canonicalize",
     "group_layout",
@@ -47,6 +52,7 @@ __all__ = [
     "standardize_matrix",
     "swbn_update",
     "valid_mask",
+    "whiten",
     "whitening_error",
     "zca_matrix",
 ]
@@ -125,10 +131,17 @@ def _unpad_vector(v: Tensor, layout: GroupLayout) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Layout-aware grouped kernels on activation-sized tensors
 # --------------------------------------------------------------------------------------------
-# An activation (N, C, *spatial) is handled in one of two 2-D/3-D views without copying:
+# An activation (N, C, *spatial) is handled in one of two views, without copying:
 #   "cf" (channels first):  (N, C, L) contiguous, L = prod(spatial)
 #   "cl" (channels last):   (M, C) contiguous, M = N * prod(spatial)
 # 2-D inputs and channels_last(_3d) tensors use "cl"; contiguous tensors use "cf".
+#
+# Every pass over an activation is split into chunks of rows (samples, or positions for "cl")
+# of about _CHUNK_BYTES, so that the temporaries of a chunk (the centered chunk, the output of
+# a GEMM about to get its bias) stay in cache. Besides memory traffic this avoids allocating
+# activation-sized temporaries at all: on CPU a fresh large allocation costs more in page
+# faults than the arithmetic done on it.
+_CHUNK_BYTES = 4 * 2**20
 
 
 def _as_view(x: Tensor) -> tuple[Tensor, str]:
@@ -143,15 +156,6 @@ def _as_view(x: Tensor) -> tuple[Tensor, str]:
     return x.contiguous().view(x.shape[0], c, -1), "cf"
 
 
-def _like(v: Tensor, kind: str, x: Tensor) -> Tensor:
-    """Give a view result back the shape (and memory format) of ``x``."""
-    if kind == "cf":
-        return v.view(x.shape)
-    if x.dim() == 2:
-        return v
-    return v.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
-
-
 def _in_view_of(t: Tensor, kind: str) -> Tensor:
     """View ``t`` (same shape as the reference activation) in the given layout, copying if needed."""
     c = t.shape[1]
@@ -162,8 +166,38 @@ def _in_view_of(t: Tensor, kind: str) -> Tensor:
     return t.movedim(1, -1).contiguous().view(-1, c)
 
 
+def _empty_like_view(x: Tensor, kind: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A new tensor shaped like ``x`` in the layout ``kind``, and its view (never a view itself:
+    autograd forbids in-place ops, such as timm's in-place activations, on views created inside
+    a custom Function)."""
+    if kind == "cf" or x.dim() == 2:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    else:
+        out = torch.empty(x.shape[0], *x.shape[2:], x.shape[1], dtype=dtype, device=x.device)
+        out = out.movedim(-1, 1)
+        out = torch.empty_strided(out.shape, out.stride(), dtype=dtype, device=x.device)
+    view, okind = _as_view(out)
+    # The kernels write through this view: it must alias ``out`` (a copy would be a new
+    # allocation; ``_base`` is not usable, inference mode does not track views).
+    assert okind == kind and view.data_ptr() == out.data_ptr(), (
+        "internal error: output view is a copy"
+    )
+    return out, view
+
+
+def _chunks(v: Tensor) -> list[slice]:
+    rows = v.shape[0]
+    row_bytes = max(1, v.numel() // max(rows, 1) * v.element_size())
+    per = max(1, _CHUNK_BYTES // row_bytes)
+    return [slice(i, min(i + per, rows)) for i in range(0, rows, per)]
+
+
 def _channel_sum(v: Tensor, kind: str) -> Tensor:
     return v.sum(dim=(0, 2)) if kind == "cf" else v.sum(dim=0)
+
+
+def _channel_view(vec: Tensor, kind: str) -> Tensor:
+    return vec.view(1, -1, 1) if kind == "cf" else vec.view(1, -1)
 
 
 def _gram(a: Tensor, b: Tensor, kind: str, layout: GroupLayout) -> Tensor:
@@ -185,80 +219,75 @@ def _gram(a: Tensor, b: Tensor, kind: str, layout: GroupLayout) -> Tensor:
             blocks.append(torch.bmm(av.permute(1, 2, 0), bv.permute(1, 0, 2)))
     if r != d:
         if kind == "cf":
-            ar, br = a[:, cf:], b[:, cf:]
-            last = torch.matmul(ar, br.transpose(-1, -2)).sum(0)
+            last = torch.matmul(a[:, cf:], b[:, cf:].transpose(-1, -2)).sum(0)
         else:
             last = a[:, cf:].t() @ b[:, cf:]
         blocks.append(torch.nn.functional.pad(last, (0, d - r, 0, d - r)).unsqueeze(0))
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
 
 
-def _grouped_mm(
-    matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, bias: Tensor | None, out: Tensor
-) -> Tensor:
-    """Per-group ``out_g = A_g v_g (+ bias)``; ``out`` is a view (same layout as ``v``) to fill."""
+def _gmm(
+    matrices: Tensor,
+    v: Tensor,
+    kind: str,
+    layout: GroupLayout,
+    out: Tensor,
+    bias: Tensor | None = None,
+    accumulate: bool = False,
+) -> None:
+    """Per group ``out_g (+)= A_g v_g (+ bias)`` on views (or chunks of views) of one layout."""
     g, d, r = layout.num_groups, layout.group_size, layout.last_group_size
     full = g if r == d else g - 1
     cf = full * d
     if kind == "cf":
         n, _, length = v.shape
         if full:
-            vf = v if r == d else v[:, :cf]
             a = matrices[:full].unsqueeze(0).expand(n, full, d, d).reshape(n * full, d, d)
-            vb = vf.reshape(n * full, d, length)
-            # Write straight into the output when its full groups are one contiguous block.
-            target = out.view(n * full, d, length) if r == d else None
-            if bias is not None:
-                bb = bias[:cf].view(1, full, d, 1).expand(n, full, d, 1).reshape(n * full, d, 1)
-                yf = (
-                    torch.baddbmm(bb, a, vb, out=target)
-                    if target is not None
-                    else torch.baddbmm(bb, a, vb)
-                )
+            vb = (v if r == d else v[:, :cf]).reshape(n * full, d, length)
+            if r == d:  # the full groups are one block of the output: write straight into it
+                target = out.view(n * full, d, length)
+                if accumulate:
+                    target.baddbmm_(a, vb)
+                else:
+                    torch.bmm(a, vb, out=target)
             else:
-                yf = torch.bmm(a, vb, out=target) if target is not None else torch.bmm(a, vb)
-            if target is None:
-                out[:, :cf] = yf.view(n, cf, length)
+                part = torch.bmm(a, vb).view(n, cf, length)
+                if accumulate:
+                    out[:, :cf] += part
+                else:
+                    out[:, :cf] = part
         if r != d:
-            yl = torch.matmul(matrices[-1, :r, :r], v[:, cf:])
-            out[:, cf:] = yl if bias is None else yl + bias[cf:].view(1, r, 1)
-        return out
-    m = v.shape[0]
-    if full:
-        vf = v[:, :cf].reshape(m, full, d).transpose(0, 1)
-        of = out[:, :cf].view(m, full, d).transpose(0, 1)
-        at = matrices[:full].transpose(1, 2)
-        if bias is not None:
-            of.copy_(bias[:cf].view(full, 1, d).expand(full, m, d))
-            torch.baddbmm(of, vf, at, out=of)
-        else:
-            torch.bmm(vf, at, out=of)
-    if r != d:
-        yl = v[:, cf:] @ matrices[-1, :r, :r].t()
-        out[:, cf:] = yl if bias is None else yl + bias[cf:]
-    return out
-
-
-def _grouped_mm_like(
-    matrices: Tensor, t: Tensor, layout: GroupLayout, bias: Tensor | None
-) -> Tensor:
-    """``_grouped_mm`` on an activation ``t`` returning a new tensor in ``t``'s memory format.
-
-    The result is never a view (autograd forbids in-place ops, such as timm's in-place
-    activations, on views created inside a custom Function).
-    """
-    v, kind = _as_view(t)
-    if kind == "cf" or t.dim() == 2:
-        out = torch.empty(t.shape, dtype=v.dtype, device=v.device)
+            part = torch.matmul(matrices[-1, :r, :r], v[:, cf:])
+            if accumulate:
+                out[:, cf:] += part
+            else:
+                out[:, cf:] = part
     else:
-        # channels_last-like: t is dense with channels innermost, the same strides keep it so.
-        out = torch.empty_strided(t.shape, t.stride(), dtype=v.dtype, device=v.device)
-    view, _ = _as_view(out)
-    # The kernels write through this view: it must alias ``out`` (a copy would be a new
-    # allocation; ``_base`` is not usable, inference mode does not track views).
-    assert view.data_ptr() == out.data_ptr(), "internal error: output view is a copy"
-    _grouped_mm(matrices, v, kind, layout, bias, view)
-    return out
+        m = v.shape[0]
+        if full:
+            vf = v[:, :cf].reshape(m, full, d).transpose(0, 1)
+            of = out[:, :cf].view(m, full, d).transpose(0, 1)
+            at = matrices[:full].transpose(1, 2)
+            if accumulate:
+                of.baddbmm_(vf, at)
+            else:
+                torch.bmm(vf, at, out=of)
+        if r != d:
+            part = v[:, cf:] @ matrices[-1, :r, :r].t()
+            if accumulate:
+                out[:, cf:] += part
+            else:
+                out[:, cf:] = part
+    if bias is not None:
+        out.add_(_channel_view(bias, kind))
+
+
+def _grouped_affine_into(
+    matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, out: Tensor, bias: Tensor | None
+) -> None:
+    """``out = A v + bias`` chunk by chunk (the bias is added while the chunk is in cache)."""
+    for rows in _chunks(v):
+        _gmm(matrices, v[rows], kind, layout, out[rows], bias)
 
 
 def _matvec(matrices: Tensor, vec: Tensor, layout: GroupLayout) -> Tensor:
@@ -281,8 +310,36 @@ def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _reduce_dims(x: Tensor) -> tuple[int, ...]:
-    return (0, *range(2, x.dim()))
+def _moments(v: Tensor, kind: str, layout: GroupLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact centered moments in one pass over ``v``: ``(count, mean, M2)`` in float64.
+
+    Each chunk is centered at its own mean while in cache (the two-pass algorithm within the
+    chunk); the chunks are combined with Chan's parallel formula in float64::
+
+        mean = sum_c n_c mu_c / n,   M2 = sum_c [G_c + n_c (mu_c - mean)(mu_c - mean)^T]
+    """
+    counts, means, grams = [], [], []
+    for rows in _chunks(v):
+        chunk = v[rows]
+        n = chunk.numel() // layout.num_features
+        mean = chunk.mean(dim=(0, 2)) if kind == "cf" else chunk.mean(dim=0)
+        centered = chunk - _channel_view(mean, kind)
+        counts.append(n)
+        means.append(mean)
+        grams.append(_gram(centered, centered, kind, layout))
+    count = float(sum(counts))
+    if len(counts) == 1:
+        return (
+            torch.tensor(count, dtype=torch.float64, device=v.device),
+            means[0].double(),
+            grams[0].double(),
+        )
+    weights = torch.tensor(counts, dtype=torch.float64, device=v.device)
+    mus = torch.stack(means).double()  # (k, C)
+    mean = (weights.unsqueeze(1) * mus).sum(0) / count
+    dev = torch.stack([_pad_vector(m, layout) for m in (mus - mean)])  # (k, G, d)
+    m2 = torch.stack(grams).double().sum(0) + torch.einsum("k,kgi,kgj->gij", weights, dev, dev)
+    return torch.tensor(count, dtype=torch.float64, device=v.device), mean, m2
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,129 +349,115 @@ class BatchMoments(NamedTuple):
     """Result of :func:`batch_covariance`.
 
     Attributes:
-        shifted: ``x - shift``, shape and memory format of ``x`` (differentiable).
+        input: the input itself (an alias), to be passed on to :func:`grouped_affine`: the
+            gradient flowing back through it gets the covariance's contribution added in
+            place, so the backward never allocates a second activation-sized gradient.
         mean: batch mean ``(C,)`` (over every process of ``process_group`` when synced).
-        cov: biased batch covariance per group ``(G, d, d)``, canonical padding.
-        offset: ``mean - shift`` ``(C,)``, the mean of ``shifted``: ``shifted - offset`` is the
-            centered input (zero when the batch mean itself was the shift).
         cov: biased batch covariance per group ``(G, d, d)``, canonical padding.
         count: number of samples per channel as a 0-dim tensor (global when synced).
     """
 
-    shifted: Tensor
+    input: Tensor
     mean: Tensor
-    offset: Tensor
     cov: Tensor
     count: Tensor
 
 
 class _BatchCovariance(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, shift, layout, process_group, use_batch_mean):  # type: ignore[override]
-        c = layout.num_features
-        if use_batch_mean:
-            shift = x.mean(dim=_reduce_dims(x))
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        shifted = x - shift.view(shape)
-        v, kind = _as_view(shifted)
-        count = v.numel() // c
-        gram = _gram(v, v, kind, layout)
+    def forward(ctx, x, layout, process_group):  # type: ignore[override]
+        v, kind = _as_view(x)
+        n, mean, m2 = _moments(v, kind, layout)
         if process_group is not None:
-            # One collective per layer and step: (sum of shifted x, sum of outer products, count).
-            # The shift is identical on every rank, so the sums add up exactly.
-            s1 = _channel_sum(v, kind)
-            packed = torch.cat([s1, gram.reshape(-1), s1.new_full((1,), float(count))])
+            # One collective per layer and step, of (sum x, sum x x^T, count) in float64, so
+            # uneven per-rank batches are weighted by their counts and nothing cancels badly.
+            c = layout.num_features
+            s2 = m2 + n * _outer(mean, mean, layout)
+            packed = torch.cat([n * mean, s2.reshape(-1), n.view(1)])
             dist.all_reduce(packed, group=process_group)
-            s1 = packed[:c]
-            gram = packed[c:-1].view_as(gram)
             n = packed[-1].clone()
-            delta = s1 / n
-            cov = gram / n - _outer(delta, delta, layout)
-        else:
-            n = torch.tensor(float(count), dtype=x.dtype, device=x.device)
-            if use_batch_mean:
-                delta = torch.zeros_like(shift)
-                cov = gram / count
-            else:
-                delta = _channel_sum(v, kind) / count
-                cov = gram / count - _outer(delta, delta, layout)
-        cov = canonicalize(cov, valid_mask(layout, x.device))
-        mean = shift + delta
-        ctx.save_for_backward(shifted, delta, n)
+            mean = packed[:c] / n
+            m2 = packed[c:-1].view_as(s2) - n * _outer(mean, mean, layout)
+        cov = canonicalize((m2 / n).to(x.dtype), valid_mask(layout, x.device))
+        mean = mean.to(x.dtype)
+        n = n.to(x.dtype)
+        ctx.save_for_backward(x, mean, n)
         ctx.layout = layout
         ctx.process_group = process_group
         ctx.mark_non_differentiable(n)
-        return shifted, mean, delta, cov, n
+        return x.view_as(x), mean, cov, n
 
     @staticmethod
-    def backward(ctx, d_shifted, d_mean, d_offset, d_cov, _d_count):  # type: ignore[override]
-        shifted, delta, n = ctx.saved_tensors
+    def backward(ctx, d_input, d_mean, d_cov, _d_count):  # type: ignore[override]
+        x, mean, n = ctx.saved_tensors
         layout = ctx.layout
-        # offset = mean - shift with a constant shift: both carry the gradient of the mean.
-        if d_offset is not None:
-            d_mean = d_offset if d_mean is None else d_mean + d_offset
-        with _no_autocast(shifted):
+        with _no_autocast(x):
             if ctx.process_group is not None:
                 # Every rank's loss depends on the global statistics: sum their gradients.
-                dm = d_mean if d_mean is not None else torch.zeros_like(delta)
+                dm = d_mean if d_mean is not None else torch.zeros_like(mean)
                 dc = (
                     d_cov
                     if d_cov is not None
-                    else shifted.new_zeros(layout.num_groups, layout.group_size, layout.group_size)
+                    else x.new_zeros(layout.num_groups, layout.group_size, layout.group_size)
                 )
                 packed = torch.cat([dm.reshape(-1), dc.reshape(-1)])
                 dist.all_reduce(packed, group=ctx.process_group)
                 d_mean = packed[: layout.num_features]
                 d_cov = packed[layout.num_features :].view_as(dc)
-            bias = d_mean / n if d_mean is not None else None
+            # d/dx of mean and cov: dmean / n + (dC + dC^T) (x - mean) / n
+            bias = d_mean / n if d_mean is not None else torch.zeros_like(mean)
+            s = None
             if d_cov is not None:
-                # d cov / d x_c = (dC + dC^T) x_c / n, with x_c = shifted - delta.
                 s = (d_cov + d_cov.transpose(-1, -2)) / n
-                c_term = -_matvec(s, delta, layout)
-                bias = c_term if bias is None else bias + c_term
-                dx = _grouped_mm_like(s, shifted, layout, bias)
-                if d_shifted is not None:
-                    dx = dx + d_shifted
+                bias = bias - _matvec(s, mean, layout)
+            v, kind = _as_view(x)
+            dv = None
+            if d_input is not None and d_input.dtype == x.dtype:
+                view, dkind = _as_view(d_input)
+                if dkind == kind and view.data_ptr() == d_input.data_ptr():
+                    dv = view  # the incoming gradient is ours (an internal alias): add in place
+            if dv is not None:
+                dx = d_input
+                for rows in _chunks(v):
+                    if s is not None:
+                        _gmm(s, v[rows], kind, layout, dv[rows], bias, accumulate=True)
+                    else:
+                        dv[rows].add_(_channel_view(bias, kind))
             else:
-                dx = d_shifted if d_shifted is not None else torch.zeros_like(shifted)
-                if bias is not None:
-                    dx = dx + bias.view((1, -1) + (1,) * (shifted.dim() - 2))
-        return dx, None, None, None, None
+                dx, dv = _empty_like_view(x, kind, x.dtype)
+                for rows in _chunks(v):
+                    if s is not None:
+                        _gmm(s, v[rows], kind, layout, dv[rows], bias)
+                    else:
+                        dv[rows].copy_(_channel_view(bias, kind).expand_as(dv[rows]))
+                if d_input is not None:
+                    dx = dx + d_input
+        return dx, None, None
 
 
 def batch_covariance(
     x: Tensor,
     group_size: int,
-    shift: Tensor | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> BatchMoments:
     """Batch mean and per-group covariance of ``x`` (differentiable w.r.t. ``x``).
 
+    Exact (two-pass within cache-sized chunks, combined in float64) and one pass over ``x``.
+
     Args:
         x: ``(N, C, *spatial)`` activations (float32 or float64).
         group_size: channels per group ``d``.
-        shift: optional constant ``(C,)`` subtracted before accumulating (detached). Without it
-            the batch mean is used, which is the exact two-pass algorithm. With it, the sums are
-            shifted sums, which can be added across processes.
-        process_group: when given, the sums are all-reduced over that group (one collective),
-            so every rank gets the statistics of the concatenated batch, and the backward pass
-            all-reduces the gradients of ``mean`` and ``cov``. ``shift`` must then be identical
-            on every rank.
+        process_group: when given, ``(sum x, sum x x^T, count)`` are all-reduced over that group
+            in one float64 collective, so every rank gets the statistics of the concatenated
+            batch, and the backward pass all-reduces the gradients of ``mean`` and ``cov``.
 
     Returns:
         :class:`BatchMoments` with ``mean = E[x]`` of shape ``(C,)`` and
         ``cov_g = E[(x_g - mu_g)(x_g - mu_g)^T]`` of shape ``(G, d, d)`` (biased, no ``eps``).
     """
     layout = group_layout(x.shape[1], group_size)
-    use_batch_mean = shift is None
-    if shift is None:
-        shift = x.new_zeros(x.shape[1])
     with _no_autocast(x):
-        return BatchMoments(
-            *_BatchCovariance.apply(
-                x, shift.detach().to(x.dtype), layout, process_group, use_batch_mean
-            )
-        )
+        return BatchMoments(*_BatchCovariance.apply(x, layout, process_group))
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,10 +469,13 @@ class _GroupedAffine(torch.autograd.Function):
         a = matrices
         if weight is not None:
             a = a * _pad_vector(weight, layout).unsqueeze(-1)
+        # weight * (A (x - offset)) + bias = A' x + (bias - A' offset): no centered copy of x.
         b = -_matvec(a, offset, layout)
         if bias is not None:
             b = b + bias
-        y = _grouped_mm_like(a, x, layout, b)
+        v, kind = _as_view(x)
+        y, yv = _empty_like_view(x, kind, x.dtype)
+        _grouped_affine_into(a, v, kind, layout, yv, b)
         ctx.save_for_backward(x, matrices, offset, weight)
         ctx.layout = layout
         ctx.has_bias = bias is not None
@@ -447,22 +493,33 @@ class _GroupedAffine(torch.autograd.Function):
             a = matrices
             if weight is not None:
                 a = a * _pad_vector(weight, layout).unsqueeze(-1)
-            s_dy = _channel_sum(g, kind)
-            if need_a or need_w:
-                # dL/dA_g = sum dy_g (x_g - offset_g)^T  (before the per-row weight)
-                cross = _gram(g, v, kind, layout) - _outer(s_dy, offset, layout)
-                if need_w:
-                    dw = _unpad_vector((matrices * cross).sum(-1), layout)
-                if need_a:
-                    dmat = (
-                        cross * _pad_vector(weight, layout).unsqueeze(-1)
-                        if weight is not None
-                        else cross
-                    )
+            at = a.transpose(-1, -2)
+            need_cross = need_a or need_w
             if need_x:
-                dx = _grouped_mm_like(a.transpose(-1, -2), _like(g, kind, x), layout, None)
+                dx, dxv = _empty_like_view(x, kind, x.dtype)
+            s_dy = None
+            cross = None
+            # One pass over dy and x: sum dy, sum dy (x - offset)^T, and A^T dy per chunk.
+            for rows in _chunks(v):
+                gc = g[rows]
+                part = _channel_sum(gc, kind)
+                s_dy = part if s_dy is None else s_dy + part
+                if need_cross:
+                    centered = v[rows] - _channel_view(offset, kind)
+                    part = _gram(gc, centered, kind, layout)
+                    cross = part if cross is None else cross + part
+                if need_x:
+                    _gmm(at, gc, kind, layout, dxv[rows])
+            if need_w:
+                dw = _unpad_vector((matrices * cross).sum(-1), layout)
+            if need_a:
+                dmat = (
+                    cross * _pad_vector(weight, layout).unsqueeze(-1)
+                    if weight is not None
+                    else cross
+                )
             if need_off:
-                doff = -_matvec(a.transpose(-1, -2), s_dy, layout)
+                doff = -_matvec(at, s_dy, layout)
             if need_b and ctx.has_bias:
                 db = s_dy
         return dx, dmat, doff, dw, db, None
@@ -485,7 +542,7 @@ def grouped_affine(
 
     Returns:
         ``(N, C, *spatial)``. Differentiable w.r.t. every tensor argument; the backward pass
-        saves only ``x`` and the small matrices.
+        saves only ``x`` and the small matrices and makes one pass over ``dy`` and ``x``.
     """
     layout = group_layout(x.shape[1], matrices.shape[-1])
     if layout.group_size != matrices.shape[-1] or layout.num_groups != matrices.shape[0]:
@@ -498,8 +555,197 @@ def grouped_affine(
 
 
 # --------------------------------------------------------------------------------------------
-# Whitening matrices from covariances (small tensors, differentiable)
+# Whitening matrices from covariances: small (G, d, d) maps with hand-written backward passes
 # --------------------------------------------------------------------------------------------
+class MatrixMap:
+    """A map ``cov (G, d, d) -> W (G, d, d)`` with an explicit backward.
+
+    ``forward`` returns ``W`` and what the backward needs; ``backward`` turns ``dL/dW`` into
+    ``dL/dcov``. Keeping the backward explicit (instead of autograd over ~10 small ops per
+    iteration) lets :func:`whiten` differentiate the whole layer in one autograd node.
+    """
+
+    def forward(self, cov: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def backward(self, saved: tuple[Tensor, ...], grad: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _masked(t: Tensor, valid: Tensor | None) -> Tensor:
+    """Zero the entries outside the real blocks (the padding of a canonical matrix is constant)."""
+    if valid is None:
+        return t
+    return t * (valid.unsqueeze(-1) & valid.unsqueeze(-2)).to(t.dtype)
+
+
+def _newton_forward(
+    s: Tensor, iterations: int, method: IterNormMethod
+) -> tuple[Tensor, list[Tensor]]:
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    if method == "newton":
+        ps = [eye]
+        for _ in range(iterations):
+            p = ps[-1]
+            ps.append(torch.baddbmm(p, p @ p @ p, s, beta=1.5, alpha=-0.5))
+        return ps[-1], ps[:-1]
+    ys, zs = [s], [eye]
+    for _ in range(iterations):
+        t = torch.baddbmm(eye, zs[-1], ys[-1], beta=1.5, alpha=-0.5)
+        ys.append(ys[-1] @ t)
+        zs.append(t @ zs[-1])
+    return zs[-1], ys[:-1] + zs[:-1]
+
+
+def _newton_backward(
+    s: Tensor, saved: list[Tensor], grad: Tensor, iterations: int, method: IterNormMethod
+) -> Tensor:
+    """Exact gradient of the truncated iterations w.r.t. ``s`` (checked against autograd)."""
+    st = s.transpose(-1, -2)
+    if method == "newton":
+        # P' = 1.5 P - 0.5 P^3 S:
+        # dP = 1.5 G - 0.5 (G (P^2 S)^T + P^T G (P S)^T + (P^2)^T G S^T),  dS = -0.5 (P^3)^T G
+        g, gs = grad, torch.zeros_like(s)
+        for k in range(iterations - 1, -1, -1):
+            p = saved[k]
+            pt = p.transpose(-1, -2)
+            p2t = (p @ p).transpose(-1, -2)
+            gs = torch.baddbmm(gs, p2t @ pt, g, alpha=-0.5)
+            term = g @ (st @ p2t) + pt @ g @ (st @ pt) + p2t @ (g @ st)
+            g = torch.add(1.5 * g, term, alpha=-0.5)
+        return gs
+    # coupled: T = 1.5 I - 0.5 Z Y, Y' = Y T, Z' = T Z, output Z_T, Y_0 = S, Z_0 = I
+    ys, zs = saved[:iterations], saved[iterations:]
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    gy, gz = torch.zeros_like(s), grad
+    for k in range(iterations - 1, -1, -1):
+        y, z = ys[k], zs[k]
+        yt, zt = y.transpose(-1, -2), z.transpose(-1, -2)
+        t = torch.baddbmm(eye, z, y, beta=1.5, alpha=-0.5)
+        gt = yt @ gy + gz @ zt
+        gy, gz = (
+            torch.baddbmm(gy @ t.transpose(-1, -2), zt, gt, alpha=-0.5),
+            torch.baddbmm(t.transpose(-1, -2) @ gz, gt, yt, alpha=-0.5),
+        )
+    return gy
+
+
+class IterNormMap(MatrixMap):
+    """IterNorm's ``W ~= (cov + eps I)^-1/2`` by ``T`` Newton steps (see :func:`iternorm_matrix`)."""
+
+    def __init__(self, iterations: int = 5, eps: float = 1e-5, method: IterNormMethod = "newton",
+                 valid: Tensor | None = None) -> None:  # fmt: skip
+        if method not in ("newton", "coupled"):
+            raise ValueError(f"method must be 'newton' or 'coupled', got {method!r}")
+        self.iterations, self.eps, self.method, self.valid = iterations, eps, method, valid
+
+    def forward(self, cov):
+        d = cov.shape[-1]
+        sigma = cov + self.eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        diag = sigma.diagonal(dim1=-2, dim2=-1)
+        trace = (diag if self.valid is None else diag * self.valid).sum(-1).view(-1, 1, 1)
+        # The padding block must stay harmless for the iteration (eigenvalues 1/d keep it bounded).
+        sigma_n = canonicalize(sigma / trace, self.valid, 1.0 / d)
+        p, iterates = _newton_forward(sigma_n, self.iterations, self.method)
+        w = canonicalize(p * trace.rsqrt(), self.valid)
+        return w, (sigma, trace, sigma_n, p, *iterates)
+
+    def backward(self, saved, grad):
+        sigma, trace, sigma_n, p, *iterates = saved
+        grad = _masked(grad, self.valid)
+        r = trace.rsqrt()
+        # W = P tr^-1/2
+        d_trace = (grad * p).sum((-1, -2), keepdim=True) * (-0.5) * r / trace
+        d_sn = _masked(
+            _newton_backward(sigma_n, iterates, grad * r, self.iterations, self.method), self.valid
+        )
+        # Sigma_N = Sigma / tr
+        d_sigma = d_sn / trace
+        d_trace = d_trace - (d_sn * sigma).sum((-1, -2), keepdim=True) / trace**2
+        # tr = sum of the real diagonal entries
+        diag = (
+            self.valid.to(grad.dtype) if self.valid is not None else torch.ones_like(sigma[..., 0])
+        )
+        d_sigma = d_sigma + torch.diag_embed(diag) * d_trace
+        return _masked(d_sigma, self.valid)
+
+
+class ZCAMap(MatrixMap):
+    """DBN's ``W = U diag(lambda)^-1/2 U^T`` of ``cov + eps I`` (see :func:`zca_matrix`)."""
+
+    def __init__(self, eps: float = 1e-5, valid: Tensor | None = None) -> None:
+        self.eps, self.valid = eps, valid
+
+    def forward(self, cov):
+        d = cov.shape[-1]
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+        sigma = cov + self.eps * eye
+        # LAPACK refuses non-finite input; decompose the identity for such groups instead and
+        # give them a NaN result, so a bad batch shows in the output (running statistics are
+        # guarded separately) rather than raising deep inside eigh or being silently "fixed".
+        finite = torch.isfinite(sigma).flatten(-2).all(-1).view(-1, 1, 1)
+        evals, evecs = torch.linalg.eigh(torch.where(finite, sigma, eye))
+        # The exact eigenvalues of cov + eps I are >= eps; clamping only removes rounding error.
+        s = evals.clamp_min(self.eps).sqrt()
+        w = (evecs / s.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+        w = torch.where(finite, w, torch.full_like(w, float("nan")))
+        return canonicalize(w, self.valid), (evecs, s)
+
+    def backward(self, saved, grad):
+        evecs, s = saved
+        grad = _masked(grad, self.valid)
+        # Daleckii-Krein: dSigma = U (L o U^T dW U) U^T with the divided differences of
+        # f(l) = l^-1/2, L_ij = (f(l_i) - f(l_j)) / (l_i - l_j) = -1 / (s_i s_j (s_i + s_j)),
+        # which is f'(l_i) on the diagonal and has no 1/(l_i - l_j) term to blow up on ties.
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        lmat = -1.0 / (si * sj * (si + sj))
+        inner = evecs.transpose(-1, -2) @ grad @ evecs
+        inner = 0.5 * (inner + inner.transpose(-1, -2))
+        return _masked(evecs @ (lmat * inner) @ evecs.transpose(-1, -2), self.valid)
+
+
+class StandardizeMap(MatrixMap):
+    """SWBN's effective map ``W diag(var + eps)^-1/2`` with ``var = diag(cov)`` and a constant
+    ``W`` (see :func:`standardize_matrix`)."""
+
+    def __init__(
+        self, eps: float, whitening: Tensor | None = None, valid: Tensor | None = None
+    ) -> None:
+        self.eps, self.whitening, self.valid = eps, whitening, valid
+
+    def forward(self, cov):
+        inv_std = (cov.diagonal(dim1=-2, dim2=-1) + self.eps).rsqrt()
+        if self.whitening is None:
+            return torch.diag_embed(inv_std), (inv_std,)
+        w = self.whitening.to(cov.dtype)
+        return w * inv_std.unsqueeze(-2), (inv_std, w)
+
+    def backward(self, saved, grad):
+        inv_std, *rest = saved
+        # d/d var_j of (W_ij inv_std_j): sum_i dA_ij W_ij * (-1/2) inv_std_j^3
+        d_inv = (grad * rest[0]).sum(-2) if rest else grad.diagonal(dim1=-2, dim2=-1)
+        d_var = -0.5 * d_inv * inv_std**3
+        if self.valid is not None:
+            d_var = d_var * self.valid.to(d_var.dtype)
+        return torch.diag_embed(d_var)
+
+
+class _MatrixMapFn(torch.autograd.Function):
+    """Differentiable application of a :class:`MatrixMap` (for the standalone functions)."""
+
+    @staticmethod
+    def forward(ctx, cov, fn):  # type: ignore[override]
+        w, saved = fn.forward(cov)
+        ctx.fn = fn
+        ctx.save_for_backward(*saved)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        with _no_autocast(grad):
+            return ctx.fn.backward(ctx.saved_tensors, grad), None
+
+
 def iternorm_matrix(
     cov: Tensor,
     iterations: int = 5,
@@ -525,62 +771,11 @@ def iternorm_matrix(
         valid: padding mask from :func:`valid_mask`, or ``None``.
 
     Returns:
-        ``(G, d, d)`` whitening matrices (canonical padding). Autograd differentiates exactly
-        through the ``T`` truncated steps; only ``(G, d, d)`` intermediates are kept.
+        ``(G, d, d)`` whitening matrices (canonical padding). The gradient is the exact gradient
+        of the ``T`` truncated steps (a hand-written backward over the saved ``(G, d, d)``
+        iterates, checked against autograd in the tests).
     """
-    if method not in ("newton", "coupled"):
-        raise ValueError(f"method must be 'newton' or 'coupled', got {method!r}")
-    d = cov.shape[-1]
-    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    sigma = cov + eps * eye
-    diag = sigma.diagonal(dim1=-2, dim2=-1)
-    trace = (diag if valid is None else diag * valid).sum(-1)
-    sigma_n = sigma / trace.view(-1, 1, 1)
-    # The padding block must stay harmless for the iteration (eigenvalues 1/d keep it bounded).
-    sigma_n = canonicalize(sigma_n, valid, 1.0 / d)
-    if method == "newton":
-        p = eye.expand_as(sigma_n)
-        for _ in range(iterations):
-            p = torch.baddbmm(p, p @ p @ p, sigma_n, beta=1.5, alpha=-0.5)
-    else:
-        y, p = sigma_n, eye.expand_as(sigma_n)
-        for _ in range(iterations):
-            t = torch.baddbmm(eye, p, y, beta=1.5, alpha=-0.5)
-            y, p = y @ t, t @ p
-    return canonicalize(p * trace.rsqrt().view(-1, 1, 1), valid)
-
-
-class _InverseSqrtEigh(torch.autograd.Function):
-    """``Sigma^-1/2`` by eigendecomposition with a backward that stays finite on ties."""
-
-    @staticmethod
-    def forward(ctx, sigma, floor):  # type: ignore[override]
-        # LAPACK refuses non-finite input; decompose the identity for such groups instead and
-        # give them a NaN result, so a bad batch shows in the output (running statistics are
-        # guarded separately) rather than raising deep inside eigh or being silently "fixed".
-        finite = torch.isfinite(sigma).flatten(-2).all(-1).view(-1, 1, 1)
-        eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
-        evals, evecs = torch.linalg.eigh(torch.where(finite, sigma, eye))
-        # The exact eigenvalues of cov + eps I are >= eps; clamping only removes rounding error.
-        s = evals.clamp_min(floor).sqrt()
-        w = (evecs / s.unsqueeze(-2)) @ evecs.transpose(-1, -2)
-        w = torch.where(finite, w, torch.full_like(w, float("nan")))
-        ctx.save_for_backward(evecs, s)
-        return w
-
-    @staticmethod
-    def backward(ctx, dw):  # type: ignore[override]
-        evecs, s = ctx.saved_tensors
-        with _no_autocast(dw):
-            # Daleckii-Krein: dSigma = U (L o U^T dW U) U^T with the divided differences of
-            # f(l) = l^-1/2, L_ij = (f(l_i) - f(l_j)) / (l_i - l_j) = -1 / (s_i s_j (s_i + s_j)),
-            # which is f'(l_i) on the diagonal and has no 1/(l_i - l_j) term to blow up.
-            si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
-            lmat = -1.0 / (si * sj * (si + sj))
-            inner = evecs.transpose(-1, -2) @ dw @ evecs
-            inner = 0.5 * (inner + inner.transpose(-1, -2))
-            dsigma = evecs @ (lmat * inner) @ evecs.transpose(-1, -2)
-        return dsigma, None
+    return _MatrixMapFn.apply(cov, IterNormMap(iterations, eps, method, valid))
 
 
 def zca_matrix(cov: Tensor, eps: float = 1e-5, valid: Tensor | None = None) -> Tensor:
@@ -594,9 +789,7 @@ def zca_matrix(cov: Tensor, eps: float = 1e-5, valid: Tensor | None = None) -> T
         ``(f(l_i) - f(l_j)) / (l_i - l_j)`` in closed form, so it stays finite and correct for
         repeated eigenvalues (plain autograd through ``eigh`` divides by ``l_i - l_j``).
     """
-    d = cov.shape[-1]
-    sigma = cov + eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
-    return canonicalize(_InverseSqrtEigh.apply(sigma, eps), valid)
+    return _MatrixMapFn.apply(cov, ZCAMap(eps, valid))
 
 
 def standardize_matrix(cov: Tensor, eps: float, whitening: Tensor | None = None) -> Tensor:
@@ -606,10 +799,128 @@ def standardize_matrix(cov: Tensor, eps: float, whitening: Tensor | None = None)
     Differentiable w.r.t. ``cov`` (the BN standardization); ``whitening`` (``W``) is treated as
     a constant. Without ``whitening`` this is plain BatchNorm standardization.
     """
-    inv_std = (cov.diagonal(dim1=-2, dim2=-1) + eps).rsqrt()
-    if whitening is None:
-        return torch.diag_embed(inv_std)
-    return whitening.detach() * inv_std.unsqueeze(-2)
+    return _MatrixMapFn.apply(cov, StandardizeMap(eps, whitening))
+
+
+# --------------------------------------------------------------------------------------------
+# The fused whitening layer (one autograd node)
+# --------------------------------------------------------------------------------------------
+class WhitenResult(NamedTuple):
+    """Output of :func:`whiten`: the output and the batch statistics it used (no gradient)."""
+
+    output: Tensor
+    mean: Tensor
+    cov: Tensor
+    matrix: Tensor
+    count: Tensor
+
+
+class _Whiten(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, fn, layout, process_group):  # type: ignore[override]
+        v, kind = _as_view(x)
+        n, mean, m2 = _moments(v, kind, layout)
+        if process_group is not None:
+            # One collective per layer and step, of (sum x, sum x x^T, count) in float64.
+            c = layout.num_features
+            s2 = m2 + n * _outer(mean, mean, layout)
+            packed = torch.cat([n * mean, s2.reshape(-1), n.view(1)])
+            dist.all_reduce(packed, group=process_group)
+            n = packed[-1].clone()
+            mean = packed[:c] / n
+            m2 = packed[c:-1].view_as(s2) - n * _outer(mean, mean, layout)
+        cov = canonicalize((m2 / n).to(x.dtype), valid_mask(layout, x.device))
+        mean = mean.to(x.dtype)
+        n = n.to(x.dtype)
+        w, saved = fn.forward(cov)
+        a = w if weight is None else w * _pad_vector(weight, layout).unsqueeze(-1)
+        # weight * (W (x - mean)) + bias = A x + (bias - A mean): no centered copy of x.
+        b = -_matvec(a, mean, layout)
+        if bias is not None:
+            b = b + bias
+        y, yv = _empty_like_view(x, kind, x.dtype)
+        _grouped_affine_into(a, v, kind, layout, yv, b)
+        ctx.save_for_backward(x, mean, n, w, a, weight, *saved)
+        ctx.fn, ctx.layout, ctx.process_group = fn, layout, process_group
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, cov, w, n)
+        return y, mean, cov, w, n
+
+    @staticmethod
+    def backward(ctx, dy, *_):  # type: ignore[override]
+        x, mean, n, w, a, weight, *saved = ctx.saved_tensors
+        layout, fn = ctx.layout, ctx.fn
+        dx = dweight = dbias = None
+        with _no_autocast(x):
+            v, kind = _as_view(x)
+            g = _in_view_of(dy, kind)
+            chunks = _chunks(v)
+            # Phase 1 (one pass over dy and x): sum dy and the cross moment sum dy x^T. Taken
+            # raw and corrected by (sum dy) mean^T: unlike the forward covariance, this term
+            # only loses ~u * |mean| / std relative precision, which gradients do not mind.
+            s_dy, cross = None, None
+            for rows in chunks:
+                gc, xc = g[rows], v[rows]
+                part_s, part_c = _channel_sum(gc, kind), _gram(gc, xc, kind, layout)
+                s_dy = part_s if s_dy is None else s_dy + part_s
+                cross = part_c if cross is None else cross + part_c
+            cross = cross - _outer(s_dy, mean, layout)  # sum dy (x - mean)^T
+            if weight is not None:
+                dweight = _unpad_vector((w * cross).sum(-1), layout)
+                d_w = cross * _pad_vector(weight, layout).unsqueeze(-1)
+            else:
+                d_w = cross
+            if ctx.has_bias:
+                dbias = s_dy
+            if ctx.needs_input_grad[0]:
+                d_cov = fn.backward(tuple(saved), d_w)
+                d_mean = -_matvec(a.transpose(-1, -2), s_dy, layout)
+                if ctx.process_group is not None:
+                    # Every rank's loss depends on the global statistics: sum their gradients.
+                    packed = torch.cat([d_mean, d_cov.reshape(-1)])
+                    dist.all_reduce(packed, group=ctx.process_group)
+                    d_mean = packed[: layout.num_features]
+                    d_cov = packed[layout.num_features :].view_as(d_cov)
+                # Phase 2: dx = A^T dy + S (x - mean) + d_mean / n, S = (dC + dC^T) / n,
+                # both GEMMs accumulating into the same cache-resident chunk of dx.
+                s = (d_cov + d_cov.transpose(-1, -2)) / n
+                c = d_mean / n - _matvec(s, mean, layout)
+                at = a.transpose(-1, -2)
+                dx, dxv = _empty_like_view(x, kind, x.dtype)
+                for rows in chunks:
+                    _gmm(at, g[rows], kind, layout, dxv[rows])
+                    _gmm(s, v[rows], kind, layout, dxv[rows], c, accumulate=True)
+        return dx, dweight, dbias, None, None, None
+
+
+def whiten(
+    x: Tensor,
+    fn: MatrixMap,
+    group_size: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> WhitenResult:
+    """Training-mode whitening of ``x`` with batch statistics, in one autograd node.
+
+    ``y = weight * (W (x - mean)) + bias`` with ``W = fn(cov)`` per group of ``group_size``
+    channels, ``mean`` and ``cov`` the batch statistics of ``x`` (over every rank of
+    ``process_group`` when given). The backward pass is exact (including the dependence of
+    ``mean`` and ``cov`` on ``x``), saves only ``x`` and small matrices, and reads ``dy`` and
+    ``x`` twice, like BatchNorm's.
+
+    Args:
+        x: ``(N, C, *spatial)``, float32 or float64; the output keeps its memory format.
+        fn: the covariance-to-whitening-matrix map (:class:`IterNormMap`, :class:`ZCAMap`,
+            :class:`StandardizeMap` or your own :class:`MatrixMap`).
+
+    Returns:
+        :class:`WhitenResult` ``(output, mean, cov, matrix, count)``; only ``output`` carries a
+        gradient, the rest is for running statistics.
+    """
+    layout = group_layout(x.shape[1], group_size)
+    with _no_autocast(x):
+        return WhitenResult(*_Whiten.apply(x, weight, bias, fn, layout, process_group))
 
 
 @torch.no_grad()

@@ -116,8 +116,8 @@ class WhiteningNorm(nn.Module):
     # ----------------------------------------------------------------------------------------
     # Hooks for subclasses
     # ----------------------------------------------------------------------------------------
-    def _batch_matrix(self, cov: Tensor) -> Tensor:
-        """Differentiable whitening matrix ``(G, d, d)`` from a batch covariance."""
+    def _matrix_map(self) -> F.MatrixMap:
+        """The covariance -> whitening matrix map of this method (differentiable, small)."""
         raise NotImplementedError
 
     def _inference_map(self) -> tuple[Tensor, Tensor]:
@@ -125,7 +125,7 @@ class WhiteningNorm(nn.Module):
         raise NotImplementedError
 
     def _update_state(
-        self, moments: F.BatchMoments, matrix: Tensor, factor: Tensor, finite: Tensor
+        self, stats: F.WhitenResult, matrix: Tensor, factor: Tensor, finite: Tensor
     ) -> None:
         """Update method-specific state after a training batch (guarded by ``finite``)."""
 
@@ -228,26 +228,17 @@ class WhiteningNorm(nn.Module):
             bias = self.bias.to(cdtype) if affine and self.bias is not None else None
             if batch_stats:
                 group = resolve_process_group(self.sync, self.process_group) if update else None
-                shift = None
-                if group is not None:
-                    # Shifted sums add up across ranks only around a shift shared by all ranks.
-                    shift = (
-                        self.running_mean
-                        if self.running_mean is not None
-                        else xf.new_zeros(self.num_features)
-                    )
-                moments = F.batch_covariance(xf, self.group_size, shift=shift, process_group=group)
-                matrix = self._batch_matrix(moments.cov)
+                result = F.whiten(xf, self._matrix_map(), self.group_size, weight, bias, group)
                 if update:
-                    self._update(moments, matrix)
-                y = F.grouped_affine(moments.shifted, matrix, moments.offset, weight, bias)
+                    self._update(result, result.matrix)
+                y = result.output
             else:
                 matrix, offset = self._inference_map()
                 y = F.grouped_affine(xf, matrix.to(cdtype), offset.to(cdtype), weight, bias)
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def _update(self, moments: F.BatchMoments, matrix: Tensor) -> None:
+    def _update(self, moments: F.WhitenResult, matrix: Tensor) -> None:
         finite = torch.isfinite(moments.cov).all() & torch.isfinite(moments.mean).all()
         if self.track_running_stats:
             self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))

@@ -76,8 +76,8 @@ class DBN(WhiteningNorm):
         else:
             self.register_buffer("running_whitening", None)
 
-    def _batch_matrix(self, cov: Tensor) -> Tensor:
-        return F.zca_matrix(cov, self.eps, self.group_mask)
+    def _matrix_map(self) -> F.MatrixMap:
+        return F.ZCAMap(self.eps, self.group_mask)
 
     def _inference_map(self) -> tuple[Tensor, Tensor]:
         return self.running_whitening, self.running_mean

@@ -102,8 +102,8 @@ class IterNorm(WhiteningNorm):
             _check_iterations(value)
         super().__setattr__(name, value)
 
-    def _batch_matrix(self, cov: Tensor) -> Tensor:
-        return F.iternorm_matrix(cov, self.iterations, self.eps, self.method, self.group_mask)
+    def _matrix_map(self) -> F.MatrixMap:
+        return F.IterNormMap(self.iterations, self.eps, self.method, self.group_mask)
 
     def _inference_map(self) -> tuple[Tensor, Tensor]:
         return self.running_whitening, self.running_mean

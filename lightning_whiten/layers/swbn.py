@@ -96,10 +96,10 @@ class SWBN(WhiteningNorm):
             raise ValueError(f"SWBN: whitening_rate must be a number >= 0, got {value!r}")
         super().__setattr__(name, value)
 
-    def _batch_matrix(self, cov: Tensor) -> Tensor:
-        # A copy of W: the buffer is updated in place after this forward, W must not change
-        # under the autograd graph that uses it.
-        return F.standardize_matrix(cov, self.eps, self.whitening.to(cov.dtype).clone())
+    def _matrix_map(self) -> F.MatrixMap:
+        # A copy of W: the buffer is updated in place after this forward, and the backward
+        # must see the W that was applied.
+        return F.StandardizeMap(self.eps, self.whitening.clone(), self.group_mask)
 
     def _inference_map(self) -> tuple[Tensor, Tensor]:
         inv_std = self._grouped((self.running_var + self.eps).rsqrt())
