@@ -290,6 +290,47 @@ def _grouped_affine_into(
         _gmm(matrices, v[rows], kind, layout, out[rows], bias)
 
 
+def _compiling() -> bool:
+    # Under torch.compile the kernels run out of place and Inductor plans the memory; the
+    # eager path's chunked, in-place writes (for cache and page-fault economy) do not trace.
+    return torch.compiler.is_compiling()
+
+
+def _affine_new(
+    matrices: Tensor, v: Tensor, kind: str, layout: GroupLayout, bias: Tensor | None
+) -> Tensor:
+    """Out-of-place ``A v (+ bias)`` per group, in the layout of ``v`` (the traceable path)."""
+    g, d, r = layout.num_groups, layout.group_size, layout.last_group_size
+    full = g if r == d else g - 1
+    cf = full * d
+    parts = []
+    if kind == "cf":
+        n, _, length = v.shape
+        if full:
+            vf = v[:, :cf].reshape(n, full, d, length)
+            parts.append(torch.matmul(matrices[:full], vf).reshape(n, cf, length))
+        if r != d:
+            parts.append(torch.matmul(matrices[-1, :r, :r], v[:, cf:]))
+    else:
+        m = v.shape[0]
+        if full:
+            vf = v[:, :cf].reshape(m, full, d)
+            parts.append(torch.einsum("gij,mgj->mgi", matrices[:full], vf).reshape(m, cf))
+        if r != d:
+            parts.append(v[:, cf:] @ matrices[-1, :r, :r].t())
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return out if bias is None else out + _channel_view(bias, kind)
+
+
+def _from_view(t: Tensor, kind: str, like: Tensor) -> Tensor:
+    """A view-layout tensor back in the shape (and memory format) of ``like``."""
+    if kind == "cf":
+        return t.reshape(like.shape)
+    if like.dim() == 2:
+        return t
+    return t.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+
+
 def _matvec(matrices: Tensor, vec: Tensor, layout: GroupLayout) -> Tensor:
     """Per-group ``A_g v_g`` for a channel vector ``(C,)`` -> ``(C,)``."""
     return _unpad_vector(
@@ -411,6 +452,12 @@ class _BatchCovariance(torch.autograd.Function):
                 s = (d_cov + d_cov.transpose(-1, -2)) / n
                 bias = bias - _matvec(s, mean, layout)
             v, kind = _as_view(x)
+            if _compiling():
+                dxv = _channel_view(bias, kind).expand_as(v)
+                if s is not None:
+                    dxv = _affine_new(s, v, kind, layout, bias)
+                dx = _from_view(dxv, kind, x)
+                return (dx if d_input is None else dx + d_input), None, None
             dv = None
             if d_input is not None and d_input.dtype == x.dtype:
                 view, dkind = _as_view(d_input)
@@ -474,8 +521,11 @@ class _GroupedAffine(torch.autograd.Function):
         if bias is not None:
             b = b + bias
         v, kind = _as_view(x)
-        y, yv = _empty_like_view(x, kind, x.dtype)
-        _grouped_affine_into(a, v, kind, layout, yv, b)
+        if _compiling():
+            y = _from_view(_affine_new(a, v, kind, layout, b), kind, x)
+        else:
+            y, yv = _empty_like_view(x, kind, x.dtype)
+            _grouped_affine_into(a, v, kind, layout, yv, b)
         ctx.save_for_backward(x, matrices, offset, weight)
         ctx.layout = layout
         ctx.has_bias = bias is not None
@@ -495,8 +545,11 @@ class _GroupedAffine(torch.autograd.Function):
                 a = a * _pad_vector(weight, layout).unsqueeze(-1)
             at = a.transpose(-1, -2)
             need_cross = need_a or need_w
-            if need_x:
+            eager_dx = need_x and not _compiling()
+            if eager_dx:
                 dx, dxv = _empty_like_view(x, kind, x.dtype)
+            elif need_x:
+                dx = _from_view(_affine_new(at, g, kind, layout, None), kind, x)
             s_dy = None
             cross = None
             # One pass over dy and x: sum dy, sum dy (x - offset)^T, and A^T dy per chunk.
@@ -508,7 +561,7 @@ class _GroupedAffine(torch.autograd.Function):
                     centered = v[rows] - _channel_view(offset, kind)
                     part = _gram(gc, centered, kind, layout)
                     cross = part if cross is None else cross + part
-                if need_x:
+                if eager_dx:
                     _gmm(at, gc, kind, layout, dxv[rows])
             if need_w:
                 dw = _unpad_vector((matrices * cross).sum(-1), layout)
@@ -563,12 +616,20 @@ class MatrixMap:
     ``forward`` returns ``W`` and what the backward needs; ``backward`` turns ``dL/dW`` into
     ``dL/dcov``. Keeping the backward explicit (instead of autograd over ~10 small ops per
     iteration) lets :func:`whiten` differentiate the whole layer in one autograd node.
+
+    The tensors a map needs (a padding mask, SWBN's ``W``) are listed by :meth:`tensors` and
+    handed back to ``forward``/``backward`` as arguments: they enter the autograd Function as
+    inputs, which is what ``torch.compile`` needs to see them (a tensor kept on a plain Python
+    object would be read again, after a buffer update, in a compiled backward).
     """
 
-    def forward(self, cov: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        return ()
+
+    def forward(self, cov: Tensor, *tensors: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError
 
-    def backward(self, saved: tuple[Tensor, ...], grad: Tensor) -> Tensor:
+    def backward(self, saved: tuple[Tensor, ...], grad: Tensor, *tensors: Tensor | None) -> Tensor:
         raise NotImplementedError
 
 
@@ -639,35 +700,36 @@ class IterNormMap(MatrixMap):
             raise ValueError(f"method must be 'newton' or 'coupled', got {method!r}")
         self.iterations, self.eps, self.method, self.valid = iterations, eps, method, valid
 
-    def forward(self, cov):
+    def tensors(self):
+        return (self.valid,)
+
+    def forward(self, cov, valid=None):
         d = cov.shape[-1]
         sigma = cov + self.eps * torch.eye(d, dtype=cov.dtype, device=cov.device)
         diag = sigma.diagonal(dim1=-2, dim2=-1)
-        trace = (diag if self.valid is None else diag * self.valid).sum(-1).view(-1, 1, 1)
+        trace = (diag if valid is None else diag * valid).sum(-1).view(-1, 1, 1)
         # The padding block must stay harmless for the iteration (eigenvalues 1/d keep it bounded).
-        sigma_n = canonicalize(sigma / trace, self.valid, 1.0 / d)
+        sigma_n = canonicalize(sigma / trace, valid, 1.0 / d)
         p, iterates = _newton_forward(sigma_n, self.iterations, self.method)
-        w = canonicalize(p * trace.rsqrt(), self.valid)
+        w = canonicalize(p * trace.rsqrt(), valid)
         return w, (sigma, trace, sigma_n, p, *iterates)
 
-    def backward(self, saved, grad):
+    def backward(self, saved, grad, valid=None):
         sigma, trace, sigma_n, p, *iterates = saved
-        grad = _masked(grad, self.valid)
+        grad = _masked(grad, valid)
         r = trace.rsqrt()
         # W = P tr^-1/2
         d_trace = (grad * p).sum((-1, -2), keepdim=True) * (-0.5) * r / trace
         d_sn = _masked(
-            _newton_backward(sigma_n, iterates, grad * r, self.iterations, self.method), self.valid
+            _newton_backward(sigma_n, iterates, grad * r, self.iterations, self.method), valid
         )
         # Sigma_N = Sigma / tr
         d_sigma = d_sn / trace
         d_trace = d_trace - (d_sn * sigma).sum((-1, -2), keepdim=True) / trace**2
         # tr = sum of the real diagonal entries
-        diag = (
-            self.valid.to(grad.dtype) if self.valid is not None else torch.ones_like(sigma[..., 0])
-        )
+        diag = valid.to(grad.dtype) if valid is not None else torch.ones_like(sigma[..., 0])
         d_sigma = d_sigma + torch.diag_embed(diag) * d_trace
-        return _masked(d_sigma, self.valid)
+        return _masked(d_sigma, valid)
 
 
 class ZCAMap(MatrixMap):
@@ -676,7 +738,10 @@ class ZCAMap(MatrixMap):
     def __init__(self, eps: float = 1e-5, valid: Tensor | None = None) -> None:
         self.eps, self.valid = eps, valid
 
-    def forward(self, cov):
+    def tensors(self):
+        return (self.valid,)
+
+    def forward(self, cov, valid=None):
         d = cov.shape[-1]
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
         sigma = cov + self.eps * eye
@@ -689,11 +754,11 @@ class ZCAMap(MatrixMap):
         s = evals.clamp_min(self.eps).sqrt()
         w = (evecs / s.unsqueeze(-2)) @ evecs.transpose(-1, -2)
         w = torch.where(finite, w, torch.full_like(w, float("nan")))
-        return canonicalize(w, self.valid), (evecs, s)
+        return canonicalize(w, valid), (evecs, s)
 
-    def backward(self, saved, grad):
+    def backward(self, saved, grad, valid=None):
         evecs, s = saved
-        grad = _masked(grad, self.valid)
+        grad = _masked(grad, valid)
         # Daleckii-Krein: dSigma = U (L o U^T dW U) U^T with the divided differences of
         # f(l) = l^-1/2, L_ij = (f(l_i) - f(l_j)) / (l_i - l_j) = -1 / (s_i s_j (s_i + s_j)),
         # which is f'(l_i) on the diagonal and has no 1/(l_i - l_j) term to blow up on ties.
@@ -701,7 +766,7 @@ class ZCAMap(MatrixMap):
         lmat = -1.0 / (si * sj * (si + sj))
         inner = evecs.transpose(-1, -2) @ grad @ evecs
         inner = 0.5 * (inner + inner.transpose(-1, -2))
-        return _masked(evecs @ (lmat * inner) @ evecs.transpose(-1, -2), self.valid)
+        return _masked(evecs @ (lmat * inner) @ evecs.transpose(-1, -2), valid)
 
 
 class StandardizeMap(MatrixMap):
@@ -713,20 +778,23 @@ class StandardizeMap(MatrixMap):
     ) -> None:
         self.eps, self.whitening, self.valid = eps, whitening, valid
 
-    def forward(self, cov):
+    def tensors(self):
+        return (self.whitening, self.valid)
+
+    def forward(self, cov, whitening=None, valid=None):
         inv_std = (cov.diagonal(dim1=-2, dim2=-1) + self.eps).rsqrt()
-        if self.whitening is None:
+        if whitening is None:
             return torch.diag_embed(inv_std), (inv_std,)
-        w = self.whitening.to(cov.dtype)
+        w = whitening.to(cov.dtype)
         return w * inv_std.unsqueeze(-2), (inv_std, w)
 
-    def backward(self, saved, grad):
+    def backward(self, saved, grad, whitening=None, valid=None):
         inv_std, *rest = saved
         # d/d var_j of (W_ij inv_std_j): sum_i dA_ij W_ij * (-1/2) inv_std_j^3
         d_inv = (grad * rest[0]).sum(-2) if rest else grad.diagonal(dim1=-2, dim2=-1)
         d_var = -0.5 * d_inv * inv_std**3
-        if self.valid is not None:
-            d_var = d_var * self.valid.to(d_var.dtype)
+        if valid is not None:
+            d_var = d_var * valid.to(d_var.dtype)
         return torch.diag_embed(d_var)
 
 
@@ -734,16 +802,20 @@ class _MatrixMapFn(torch.autograd.Function):
     """Differentiable application of a :class:`MatrixMap` (for the standalone functions)."""
 
     @staticmethod
-    def forward(ctx, cov, fn):  # type: ignore[override]
-        w, saved = fn.forward(cov)
+    def forward(ctx, cov, fn, *tensors):  # type: ignore[override]
+        w, saved = fn.forward(cov, *tensors)
         ctx.fn = fn
-        ctx.save_for_backward(*saved)
+        ctx.num_tensors = len(tensors)
+        ctx.save_for_backward(*saved, *tensors)
         return w
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        k = ctx.num_tensors
+        saved = ctx.saved_tensors
+        saved, tensors = saved[: len(saved) - k], saved[len(saved) - k :]
         with _no_autocast(grad):
-            return ctx.fn.backward(ctx.saved_tensors, grad), None
+            return ctx.fn.backward(tuple(saved), grad, *tensors), None, *([None] * k)
 
 
 def iternorm_matrix(
@@ -775,7 +847,8 @@ def iternorm_matrix(
         of the ``T`` truncated steps (a hand-written backward over the saved ``(G, d, d)``
         iterates, checked against autograd in the tests).
     """
-    return _MatrixMapFn.apply(cov, IterNormMap(iterations, eps, method, valid))
+    fn = IterNormMap(iterations, eps, method, valid)
+    return _MatrixMapFn.apply(cov, fn, *fn.tensors())
 
 
 def zca_matrix(cov: Tensor, eps: float = 1e-5, valid: Tensor | None = None) -> Tensor:
@@ -789,7 +862,8 @@ def zca_matrix(cov: Tensor, eps: float = 1e-5, valid: Tensor | None = None) -> T
         ``(f(l_i) - f(l_j)) / (l_i - l_j)`` in closed form, so it stays finite and correct for
         repeated eigenvalues (plain autograd through ``eigh`` divides by ``l_i - l_j``).
     """
-    return _MatrixMapFn.apply(cov, ZCAMap(eps, valid))
+    fn = ZCAMap(eps, valid)
+    return _MatrixMapFn.apply(cov, fn, *fn.tensors())
 
 
 def standardize_matrix(cov: Tensor, eps: float, whitening: Tensor | None = None) -> Tensor:
@@ -799,7 +873,8 @@ def standardize_matrix(cov: Tensor, eps: float, whitening: Tensor | None = None)
     Differentiable w.r.t. ``cov`` (the BN standardization); ``whitening`` (``W``) is treated as
     a constant. Without ``whitening`` this is plain BatchNorm standardization.
     """
-    return _MatrixMapFn.apply(cov, StandardizeMap(eps, whitening))
+    fn = StandardizeMap(eps, whitening)
+    return _MatrixMapFn.apply(cov, fn, *fn.tensors())
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,7 +892,7 @@ class WhitenResult(NamedTuple):
 
 class _Whiten(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, fn, layout, process_group):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, fn, layout, process_group, *tensors):  # type: ignore[override]
         v, kind = _as_view(x)
         n, mean, m2 = _moments(v, kind, layout)
         if process_group is not None:
@@ -832,16 +907,20 @@ class _Whiten(torch.autograd.Function):
         cov = canonicalize((m2 / n).to(x.dtype), valid_mask(layout, x.device))
         mean = mean.to(x.dtype)
         n = n.to(x.dtype)
-        w, saved = fn.forward(cov)
+        w, saved = fn.forward(cov, *tensors)
         a = w if weight is None else w * _pad_vector(weight, layout).unsqueeze(-1)
         # weight * (W (x - mean)) + bias = A x + (bias - A mean): no centered copy of x.
         b = -_matvec(a, mean, layout)
         if bias is not None:
             b = b + bias
-        y, yv = _empty_like_view(x, kind, x.dtype)
-        _grouped_affine_into(a, v, kind, layout, yv, b)
-        ctx.save_for_backward(x, mean, n, w, a, weight, *saved)
+        if _compiling():
+            y = _from_view(_affine_new(a, v, kind, layout, b), kind, x)
+        else:
+            y, yv = _empty_like_view(x, kind, x.dtype)
+            _grouped_affine_into(a, v, kind, layout, yv, b)
+        ctx.save_for_backward(x, mean, n, w, a, weight, *saved, *tensors)
         ctx.fn, ctx.layout, ctx.process_group = fn, layout, process_group
+        ctx.num_tensors = len(tensors)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, cov, w, n)
         return y, mean, cov, w, n
@@ -849,6 +928,8 @@ class _Whiten(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_):  # type: ignore[override]
         x, mean, n, w, a, weight, *saved = ctx.saved_tensors
+        k = ctx.num_tensors
+        saved, tensors = saved[: len(saved) - k], saved[len(saved) - k :]
         layout, fn = ctx.layout, ctx.fn
         dx = dweight = dbias = None
         with _no_autocast(x):
@@ -873,7 +954,7 @@ class _Whiten(torch.autograd.Function):
             if ctx.has_bias:
                 dbias = s_dy
             if ctx.needs_input_grad[0]:
-                d_cov = fn.backward(tuple(saved), d_w)
+                d_cov = fn.backward(tuple(saved), d_w, *tensors)
                 d_mean = -_matvec(a.transpose(-1, -2), s_dy, layout)
                 if ctx.process_group is not None:
                     # Every rank's loss depends on the global statistics: sum their gradients.
@@ -886,11 +967,17 @@ class _Whiten(torch.autograd.Function):
                 s = (d_cov + d_cov.transpose(-1, -2)) / n
                 c = d_mean / n - _matvec(s, mean, layout)
                 at = a.transpose(-1, -2)
-                dx, dxv = _empty_like_view(x, kind, x.dtype)
-                for rows in chunks:
-                    _gmm(at, g[rows], kind, layout, dxv[rows])
-                    _gmm(s, v[rows], kind, layout, dxv[rows], c, accumulate=True)
-        return dx, dweight, dbias, None, None, None
+                if _compiling():
+                    dxv = _affine_new(at, g, kind, layout, None) + _affine_new(
+                        s, v, kind, layout, c
+                    )
+                    dx = _from_view(dxv, kind, x)
+                else:
+                    dx, dxv = _empty_like_view(x, kind, x.dtype)
+                    for rows in chunks:
+                        _gmm(at, g[rows], kind, layout, dxv[rows])
+                        _gmm(s, v[rows], kind, layout, dxv[rows], c, accumulate=True)
+        return dx, dweight, dbias, None, None, None, *([None] * ctx.num_tensors)
 
 
 def whiten(
@@ -920,7 +1007,9 @@ def whiten(
     """
     layout = group_layout(x.shape[1], group_size)
     with _no_autocast(x):
-        return WhitenResult(*_Whiten.apply(x, weight, bias, fn, layout, process_group))
+        return WhitenResult(
+            *_Whiten.apply(x, weight, bias, fn, layout, process_group, *fn.tensors())
+        )
 
 
 @torch.no_grad()

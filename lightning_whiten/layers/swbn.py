@@ -97,9 +97,9 @@ class SWBN(WhiteningNorm):
         super().__setattr__(name, value)
 
     def _matrix_map(self) -> F.MatrixMap:
-        # A copy of W: the buffer is updated in place after this forward, and the backward
-        # must see the W that was applied.
-        return F.StandardizeMap(self.eps, self.whitening.clone(), self.group_mask)
+        # The W applied here is saved for the backward; _update_state gives the buffer a new
+        # tensor instead of writing into this one, so the backward always sees this W.
+        return F.StandardizeMap(self.eps, self.whitening, self.group_mask)
 
     def _inference_map(self) -> tuple[Tensor, Tensor]:
         inv_std = self._grouped((self.running_var + self.eps).rsqrt())
@@ -124,7 +124,12 @@ class SWBN(WhiteningNorm):
             self.criterion,
             self.group_mask,
         )
-        self.whitening.copy_(torch.where(finite, new_w.to(self.whitening.dtype), self.whitening))
+        # Rebind the buffer to a new tensor rather than copy_ into it: the backward of this
+        # step needs the W that was applied, and under torch.compile an in-place update of a
+        # tensor the backward depends on is read back after the update (the compiled backward
+        # recomputes cheap values from the mutated buffer; eager would only raise a version
+        # error). The buffer stays registered, so state_dict, .to() and checkpoints see it.
+        self.whitening = torch.where(finite, new_w.to(self.whitening.dtype), self.whitening)
         if self.track_running_stats:
             n = moments.count
             unbiased = var.reshape(-1)[: self.num_features] * (n / (n - 1).clamp_min(1))
