@@ -62,6 +62,7 @@ def snd(
     probes: int | Tensor = 16,
     seed: int = 0,
     training: bool = True,
+    relative: bool = False,
 ) -> Tensor:
     """Stochastic Normalization Disturbance (Huang et al., CVPR 2019), estimated.
 
@@ -84,6 +85,10 @@ def snd(
         seed: seeds a private generator: the result is reproducible and the global RNG untouched.
         training: use batch statistics (the definition); ``False`` uses the eval-time map, whose
             SND is 0.
+        relative: divide each probe's SND by the norm of its mean output ``||E_B F(x; B)||``.
+            SND is a norm of the output, so a layer that shrinks its output (IterNorm with few
+            iterations whitens only partly) also shows a smaller SND; the relative SND is
+            scale-free and compares the disturbance alone.
 
     Returns:
         The mean SND over the probes (a 0-dim float64 tensor).
@@ -109,7 +114,11 @@ def snd(
             index = torch.cat([torch.tensor([p]), pick]).to(inputs.device)
             outputs.append(batch_transform(layer, inputs[index], training)[0].double())
         stack = torch.stack(outputs)
-        values.append((stack - stack.mean(0)).flatten(1).norm(dim=1).mean())
+        mean = stack.mean(0)
+        value = (stack - mean).flatten(1).norm(dim=1).mean()
+        if relative:
+            value = value / mean.norm().clamp_min(torch.finfo(mean.dtype).tiny)
+        values.append(value)
     return torch.stack(values).mean()
 
 

@@ -88,7 +88,9 @@ class WhiteningMonitor(Callback):
         every_n_steps: measure overhead on one training batch in this many (0 disables).
         snd_every_n_epochs: compute SND and whiteness every this many epochs (0 disables).
         snd_batch_size: mini-batch size for SND (default: the training batch size seen).
-        snd_num_batches: mini-batches per probe sample.
+        snd_num_batches: mini-batches per probe sample (cost: ``probes x num_batches``
+            normalizations of a mini-batch per layer and evaluation; the defaults keep SND under
+            ~1% of an epoch of a few hundred steps; raise both for less noisy estimates).
         snd_probes: probe samples per layer.
         capture_batches: training batches whose layer inputs are cached for SND/whiteness.
         max_cached_samples: at most this many samples cached per layer (kept on the CPU).
@@ -103,8 +105,8 @@ class WhiteningMonitor(Callback):
         every_n_steps: int = 50,
         snd_every_n_epochs: int = 1,
         snd_batch_size: int | None = None,
-        snd_num_batches: int = 8,
-        snd_probes: int = 8,
+        snd_num_batches: int = 4,
+        snd_probes: int = 4,
         capture_batches: int = 1,
         max_cached_samples: int = 128,
         layers: str | Sequence[str] | None = None,

@@ -1,0 +1,275 @@
+"""Datamodules for the recipes: Digits (offline), synthetic images, CIFAR-10/100, ImageFolder.
+
+Every datamodule exposes ``num_classes`` and ``image_size`` (linked to the model by the CLI),
+``batch_size`` and ``num_workers``, and uses the standard augmentations of its dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["CIFAR10", "CIFAR100", "Digits", "ImageFolder", "SyntheticImages"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _ImageDataModule(pl.LightningDataModule):
+    num_classes: int = 0
+
+    def __init__(
+        self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False
+    ) -> None:
+        super().__init__()
+        if batch_size < 2:
+            raise ValueError(
+                f"{type(self).__name__}: batch_size must be >= 2 (batch statistics), got {batch_size}"
+            )
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,  # no 1-sample last batch
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+
+class _Augmented(Dataset):
+    """A tensor dataset with a per-sample augmentation (random shift and flip) on the fly."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, pad: int = 0, flip: bool = False
+    ) -> None:
+        self.images, self.labels, self.pad, self.flip = images, labels, pad, flip
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.pad:
+            h, w = image.shape[-2:]
+            padded = torch.nn.functional.pad(image, (self.pad,) * 4)
+            i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            image = padded[:, i : i + h, j : j + w]
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, self.labels[index]
+
+
+class Digits(_ImageDataModule):
+    """scikit-learn's bundled handwritten digits (1797 images, offline), as small RGB images.
+
+    The 8x8 grayscale images are resized to ``image_size`` (bilinear) and repeated over 3
+    channels; a stratified split holds out ``val_fraction``. Training augmentation: random
+    shifts of up to ``image_size // 8`` pixels (no flips: digits are not symmetric).
+    """
+
+    num_classes = 10
+
+    def __init__(self, image_size: int = 32, val_fraction: float = 0.2, augment: bool = True,
+                 seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers)
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"Digits: val_fraction must be in (0, 1), got {val_fraction}")
+        self.image_size = image_size
+        self.val_fraction = val_fraction
+        self.augment = augment
+        self.seed = seed
+
+    @staticmethod
+    def tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """All 1797 digits as ``(N, 3, image_size, image_size)`` normalized images and labels."""
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        images = torch.nn.functional.interpolate(
+            images, size=image_size, mode="bilinear", align_corners=False
+        )
+        images = (images - images.mean()) / images.std()
+        return images.repeat(1, 3, 1, 1).contiguous(), torch.tensor(digits.target, dtype=torch.long)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        images, labels = self.tensors(self.image_size)
+        gen = torch.Generator().manual_seed(self.seed)
+        train_idx, val_idx = [], []
+        for c in range(self.num_classes):  # stratified split
+            idx = (labels == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            n_val = round(len(idx) * self.val_fraction)
+            val_idx.append(idx[:n_val])
+            train_idx.append(idx[n_val:])
+        tr, va = torch.cat(train_idx), torch.cat(val_idx)
+        pad = self.image_size // 8 if self.augment else 0
+        self.train_set = _Augmented(images[tr], labels[tr], pad=pad)
+        self.val_set = TensorDataset(images[va], labels[va])
+
+
+class SyntheticImages(_ImageDataModule):
+    """Made-up images for smoke tests: each class is a fixed random pattern plus noise."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32, num_train: int = 512,
+                 num_val: int = 128, noise: float = 1.0, seed: int = 0, batch_size: int = 64,
+                 num_workers: int = 0) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers)
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.num_train, self.num_val, self.noise, self.seed = num_train, num_val, noise, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        size = self.image_size
+        prototypes = torch.randn(self.num_classes, 3, size, size, generator=gen)
+
+        def make(n: int) -> TensorDataset:
+            labels = torch.randint(0, self.num_classes, (n,), generator=gen)
+            images = prototypes[labels] + self.noise * torch.randn(n, 3, size, size, generator=gen)
+            return TensorDataset(images, labels)
+
+        self.train_set, self.val_set = make(self.num_train), make(self.num_val)
+
+
+class _CIFAR(_ImageDataModule):
+    image_size = 32
+    _mean: tuple[float, ...] = ()
+    _std: tuple[float, ...] = ()
+
+    def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
+                 num_workers: int = 4) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers)
+        self.data_dir = data_dir
+        self.download = download
+
+    def _dataset(self, train: bool):
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        for train in (True, False):
+            self._dataset(train, transform=None)
+
+    def setup(self, stage: str | None = None) -> None:
+        import torchvision.transforms as T
+
+        normalize = T.Normalize(self._mean, self._std)
+        train = T.Compose(
+            [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+        )
+        val = T.Compose([T.ToTensor(), normalize])
+        self.train_set = self._dataset(True, transform=train)
+        self.val_set = self._dataset(False, transform=val)
+
+    def _load(self, cls: Any, train: bool, transform: Any):
+        try:
+            return cls(self.data_dir, train=train, transform=transform, download=self.download)
+        except (RuntimeError, OSError) as err:
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name}: the dataset is not in {os.path.abspath(self.data_dir)!r} and could not be "
+                f"downloaded ({err.__class__.__name__}: {err}). Without network access, put the "
+                f"torchvision {name} files there (e.g. copied from another machine), or use the "
+                "ImageFolder or Digits datamodules."
+            ) from err
+
+
+class CIFAR10(_CIFAR):
+    """CIFAR-10 from torchvision (downloaded into ``data_dir`` when the network allows).
+
+    Augmentation: random crop 32 with 4 pixels of padding and horizontal flips (the standard
+    CIFAR setup of the IterNorm and SWBN papers).
+    """
+
+    num_classes = 10
+    _mean = (0.4914, 0.4822, 0.4465)
+    _std = (0.2470, 0.2435, 0.2616)
+
+    def _dataset(self, train: bool, transform: Any = None):
+        from torchvision.datasets import CIFAR10 as TV
+
+        return self._load(TV, train, transform)
+
+
+class CIFAR100(_CIFAR):
+    """CIFAR-100 from torchvision; as :class:`CIFAR10`."""
+
+    num_classes = 100
+    _mean = (0.5071, 0.4865, 0.4409)
+    _std = (0.2673, 0.2564, 0.2762)
+
+    def _dataset(self, train: bool, transform: Any = None):
+        from torchvision.datasets import CIFAR100 as TV
+
+        return self._load(TV, train, transform)
+
+
+class ImageFolder(_ImageDataModule):
+    """ImageNet-style folders: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``.
+
+    Training: random resized crop to ``image_size`` and horizontal flips; validation: resize to
+    ``image_size / 0.875`` and center crop (the standard ImageNet evaluation).
+    """
+
+    def __init__(self, root: str, image_size: int = 224, train_dir: str = "train", val_dir: str = "val",
+                 batch_size: int = 64, num_workers: int = 4) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers)
+        self.root = Path(root)
+        self.image_size = image_size
+        self.train_dir, self.val_dir = train_dir, val_dir
+        for sub in (train_dir, val_dir):
+            if not (self.root / sub).is_dir():
+                raise FileNotFoundError(
+                    f"ImageFolder: expected a folder {self.root / sub} with one subfolder per class"
+                )
+        self.num_classes = len([p for p in (self.root / train_dir).iterdir() if p.is_dir()])
+        if self.num_classes == 0:
+            raise FileNotFoundError(f"ImageFolder: {self.root / train_dir} has no class subfolders")
+
+    def setup(self, stage: str | None = None) -> None:
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder as TVImageFolder
+
+        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        size = self.image_size
+        train = T.Compose(
+            [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+        )
+        val = T.Compose(
+            [T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), normalize]
+        )
+        self.train_set = TVImageFolder(self.root / self.train_dir, transform=train)
+        self.val_set = TVImageFolder(self.root / self.val_dir, transform=val)
+        if self.val_set.classes != self.train_set.classes:
+            raise ValueError("ImageFolder: train and val have different class folders")
