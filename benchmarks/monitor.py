@@ -72,7 +72,7 @@ def _fit(device: torch.device, monitor: pl.Callback | None, steps: int, per_epoc
 
 
 def run(device: torch.device, quick: bool = False) -> list[dict[str, Any]]:
-    steps, per_epoch = (60, 30) if quick else (400, 200)
+    steps, per_epoch = (60, 30) if quick else (300, 150)
     configs = {
         "no monitor": lambda: None,
         "monitor: overhead every 50 steps": lambda: lw.WhiteningMonitor(
@@ -83,7 +83,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict[str, Any]]:
         ),
     }
     times: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(2 if quick else 3):  # interleaved rounds
+    for _ in range(2):  # interleaved rounds
         for name, make in configs.items():
             times[name].append(_fit(device, make(), steps, per_epoch))
     base = sorted(times["no monitor"])[len(times["no monitor"]) // 2]

@@ -16,6 +16,8 @@ __all__ = [
     "IterNormAct",
     "SWBNAct",
     "WhiteningCallback",
+    "WhiteningMonitor",
+    "ImageClassifier",
     "WhiteningNorm",
     "__version__",
     "convert",
@@ -32,4 +34,8 @@ def __getattr__(name: str):
         from . import callbacks
 
         return getattr(callbacks, name)
+    if name == "ImageClassifier":
+        from .models import ImageClassifier
+
+        return ImageClassifier
     raise AttributeError(f"module 'lightning_whiten' has no attribute {name!r}")

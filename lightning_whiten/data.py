@@ -14,13 +14,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["CIFAR10", "CIFAR100", "Digits", "ImageFolder", "SyntheticImages"]
+__all__ = ["CIFAR10", "CIFAR100", "Digits", "ImageDataModule", "ImageFolder", "SyntheticImages"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class _ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(pl.LightningDataModule):
+    """Base of the datamodules: ``num_classes``, ``batch_size``, ``num_workers`` and loaders."""
+
     num_classes: int = 0
 
     def __init__(
@@ -86,7 +88,7 @@ class _Augmented(Dataset):
         return image, self.labels[index]
 
 
-class Digits(_ImageDataModule):
+class Digits(ImageDataModule):
     """scikit-learn's bundled handwritten digits (1797 images, offline), as small RGB images.
 
     The 8x8 grayscale images are resized to ``image_size`` (bilinear) and repeated over 3
@@ -137,7 +139,7 @@ class Digits(_ImageDataModule):
         self.val_set = TensorDataset(images[va], labels[va])
 
 
-class SyntheticImages(_ImageDataModule):
+class SyntheticImages(ImageDataModule):
     """Made-up images for smoke tests: each class is a fixed random pattern plus noise."""
 
     def __init__(self, num_classes: int = 10, image_size: int = 32, num_train: int = 512,
@@ -163,7 +165,7 @@ class SyntheticImages(_ImageDataModule):
         self.train_set, self.val_set = make(self.num_train), make(self.num_val)
 
 
-class _CIFAR(_ImageDataModule):
+class _CIFAR(ImageDataModule):
     image_size = 32
     _mean: tuple[float, ...] = ()
     _std: tuple[float, ...] = ()
@@ -235,7 +237,7 @@ class CIFAR100(_CIFAR):
         return self._load(TV, train, transform)
 
 
-class ImageFolder(_ImageDataModule):
+class ImageFolder(ImageDataModule):
     """ImageNet-style folders: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``.
 
     Training: random resized crop to ``image_size`` and horizontal flips; validation: resize to

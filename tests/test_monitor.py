@@ -62,6 +62,8 @@ def test_monitor_logs_the_documented_keys(tmp_path, capsys):
     assert activation <= step[0]["whiten/net.1/saved_mb"] < 1.3 * activation
     rows = {r["layer"]: r for r in monitor.summary_rows()}
     assert rows["net.1"]["type"] == "IterNorm" and rows["net.1"]["iterations"] == 5
+    # each layer's backward is timed on its own nodes only, not on the layers before it
+    assert all(stats.timed_nodes <= 4 for stats in monitor.layers.values())
     assert rows["net.1"]["snd"] > 0 and 0 < rows["net.1"]["share_pct"] < 100
 
 
@@ -83,6 +85,37 @@ def test_monitor_compares_with_batchnorm_and_swbn(tmp_path):
     rows = {r["layer"]: r for r in monitor.summary_rows()}
     assert rows["net.1"]["type"] == "SWBN" and rows["net.1"]["iterations"] is None
     assert "aux.1" in rows and rows["aux.1"]["type"] == "BatchNorm1d"
+
+
+def test_backward_timing_stops_at_each_layer(tmp_path):
+    # a deep stack: a walk that did not stop at the layer's own input would time every
+    # earlier layer again (and the whitening share would exceed the step)
+    import lightning.pytorch as pl
+    from torch import nn
+
+    class Deep(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            layers = [nn.Conv2d(3, 16, 3, padding=1)]
+            for _ in range(8):
+                layers += [nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+            self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    monitor = lw.WhiteningMonitor(every_n_steps=2, snd_every_n_epochs=0, summary=False)
+    Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=4, logger=False,
+        callbacks=[lw.WhiteningCallback("iternorm", layer_options={"group_size": 8}, log_report=False), monitor],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    ).fit(Deep(), loader())  # fmt: skip
+    assert len(monitor.layers) == 8
+    assert all(stats.timed_nodes <= 4 for stats in monitor.layers.values())
+    assert all(0 < pct < 100 for pct in monitor.overhead_pct)
 
 
 def test_monitor_rejects_bad_options():

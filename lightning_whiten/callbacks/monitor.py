@@ -33,8 +33,9 @@ from ..layers import IterNorm, WhiteningNorm
 
 __all__ = ["WhiteningMonitor"]
 
-# Autograd nodes where a normalization layer's backward ends (its input side).
-_LAST_NODES = ("_BatchCovarianceBackward", "BatchNormBackward")
+# Autograd nodes that compute a normalization layer's input gradient: its backward ends there
+# (the fused whitening node, the composable building blocks, torch's BatchNorm).
+_LAST_NODES = ("_WhitenBackward", "_BatchCovarianceBackward", "BatchNormBackward")
 
 
 class _Clock:
@@ -70,6 +71,7 @@ class _LayerStats:
     # per sampled step
     marks: list[tuple[Any, Any]] = field(default_factory=list)
     node_marks: list[list[Any]] = field(default_factory=list)
+    timed_nodes: int = 0  # autograd nodes timed for the last sampled step
 
 
 class WhiteningMonitor(Callback):
@@ -250,6 +252,7 @@ class WhiteningMonitor(Callback):
             stack.extend(n for n, _ in node.next_functions)
         marks: list[Any] = []
         stats.node_marks.append(marks)
+        stats.timed_nodes = len(nodes)
         for node in nodes:
             begin: list[Any] = []
             node.register_prehook(lambda *_, begin=begin: begin.append(self._clock.mark()))

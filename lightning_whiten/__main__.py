@@ -1,0 +1,5 @@
+"""``python -m lightning_whiten`` runs the ``lightning-whiten`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,6 @@
+"""Models for the recipes: the ImageClassifier LightningModule and CIFAR architectures."""
+
+from .cifar import CIFAR_MODELS, preact_resnet, vgg_e, wide_resnet
+from .classifier import ImageClassifier, create_backbone
+
+__all__ = ["CIFAR_MODELS", "ImageClassifier", "create_backbone", "preact_resnet", "vgg_e", "wide_resnet"]

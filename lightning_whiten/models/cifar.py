@@ -1,0 +1,130 @@
+"""CIFAR-sized architectures used by the whitening papers (all normalization is BatchNorm, to
+be converted by :func:`lightning_whiten.convert` or the callback).
+
+* :func:`wide_resnet` -- Wide ResNet (Zagoruyko & Komodakis 2016), pre-activation blocks;
+  WRN-28-10 is the IterNorm paper's CIFAR network.
+* :func:`vgg_e` -- the 16-convolution VGG ("E") for 32x32 inputs with one linear layer, as in
+  the IterNorm paper's CIFAR experiments.
+* :func:`preact_resnet` -- pre-activation ResNet ("ResNetV2") for CIFAR; ResNetV2-56 is the SWBN
+  paper's CIFAR network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+__all__ = ["CIFAR_MODELS", "preact_resnet", "vgg_e", "wide_resnet"]
+
+
+class _PreActBlock(nn.Module):
+    """BN-ReLU-conv, BN-ReLU-(dropout)-conv, plus an identity or 1x1 projection shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            if stride != 1 or in_planes != planes
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.relu1(self.bn1(x))
+        out = self.conv2(self.dropout(self.relu2(self.bn2(self.conv1(pre)))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class _PreActResNet(nn.Module):
+    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int, dropout: float) -> None:
+        super().__init__()
+        if (depth - 4) % 6 and (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2 or 6n + 4, got {depth}")
+        blocks = (depth - 4) // 6 if (depth - 4) % 6 == 0 else (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        stages = []
+        in_planes = widths[0]
+        for i, planes in enumerate(widths[1:]):
+            layers = []
+            for j in range(blocks):
+                layers.append(_PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.fc(self.pool(self.relu(self.bn(x))).flatten(1))
+
+
+def wide_resnet(depth: int = 28, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    """WRN-depth-k: widths 16, 16k, 32k, 64k; (depth - 4) / 6 blocks per stage."""
+    if (depth - 4) % 6:
+        raise ValueError(f"wide_resnet: depth must be 6n + 4, got {depth}")
+    k = widen_factor
+    return _PreActResNet(depth, (16, 16 * k, 32 * k, 64 * k), num_classes, dropout)
+
+
+def preact_resnet(depth: int = 56, num_classes: int = 10) -> nn.Module:
+    """Pre-activation ResNet for CIFAR (ResNetV2): widths 16, 32, 64; (depth - 2) / 6 blocks."""
+    if (depth - 2) % 6:
+        raise ValueError(f"preact_resnet: depth must be 6n + 2, got {depth}")
+    return _PreActResNet(depth, (16, 16, 32, 64), num_classes, 0.0)
+
+
+class _VGG(nn.Module):
+    def __init__(self, config: list[int | str], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for v in config:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(channels, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                channels = int(v)
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.normal_(self.classifier.weight, 0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+_VGG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+
+
+def vgg_e(num_classes: int = 10) -> nn.Module:
+    """VGG with 16 convolutions (configuration E), BatchNorm after every convolution."""
+    return _VGG(_VGG_E, num_classes)
+
+
+#: ``"cifar/<name>"`` backbones of :class:`lightning_whiten.ImageClassifier`.
+CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "wrn28_10": lambda num_classes, **kw: wide_resnet(28, 10, num_classes, kw.get("dropout", 0.3)),
+    "wrn16_4": lambda num_classes, **kw: wide_resnet(16, 4, num_classes, kw.get("dropout", 0.0)),
+    "vgg": lambda num_classes, **kw: vgg_e(num_classes),
+    "resnetv2_56": lambda num_classes, **kw: preact_resnet(56, num_classes),
+    "resnetv2_20": lambda num_classes, **kw: preact_resnet(20, num_classes),
+}

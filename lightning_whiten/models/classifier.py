@@ -1,0 +1,223 @@
+"""``ImageClassifier``: a LightningModule around a timm, torchvision or CIFAR backbone."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from .cifar import CIFAR_MODELS
+
+__all__ = ["ImageClassifier", "create_backbone"]
+
+
+def _load_matching(model: nn.Module, path: str) -> None:
+    """Load a state dict file into ``model``, keeping only tensors whose shapes fit (so a
+    classifier for another number of classes is left freshly initialized)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(kept))
+    missing = sorted(set(own) - set(kept))
+    if not kept:
+        raise ValueError(f"checkpoint {path!r} has no tensor matching the backbone's parameters")
+    model.load_state_dict(kept, strict=False)
+    if skipped or missing:
+        warnings.warn(
+            f"loaded {len(kept)} tensors from {path}; left freshly initialized: "
+            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    **options: Any,
+) -> nn.Module:
+    """A classification network by name: ``"timm/<model>"``, ``"torchvision/<model>"`` or
+    ``"cifar/<model>"`` (``wrn28_10``, ``wrn16_4``, ``vgg``, ``resnetv2_56``, ``resnetv2_20``).
+
+    ``checkpoint_path`` loads weights from a local file (timm's ``pretrained_cfg_overlay=
+    {"file": ...}`` for timm models); a classifier for another number of classes is
+    re-initialized. ``pretrained=True`` without a file downloads weights (needs network).
+    """
+    library, _, arch = name.partition("/")
+    if not arch:
+        raise ValueError(f"backbone {name!r}: expected 'timm/<model>', 'torchvision/<model>' or 'cifar/<model>'")
+    try:
+        if library == "timm":
+            import timm
+
+            kwargs: dict[str, Any] = {"num_classes": num_classes, **options}
+            if checkpoint_path is not None:
+                kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
+            return timm.create_model(arch, pretrained=pretrained or checkpoint_path is not None, **kwargs)
+        if library == "torchvision":
+            import torchvision
+
+            weights = "DEFAULT" if pretrained and checkpoint_path is None else None
+            if weights is not None:
+                model = torchvision.models.get_model(arch, weights=weights, **options)
+                _replace_head(model, num_classes)
+                return model
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+        elif library == "cifar":
+            if arch not in CIFAR_MODELS:
+                raise ValueError(f"unknown CIFAR backbone {arch!r}: choose one of {sorted(CIFAR_MODELS)}")
+            if pretrained and checkpoint_path is None:
+                raise ValueError("cifar backbones have no downloadable weights: pass checkpoint_path")
+            model = CIFAR_MODELS[arch](num_classes, **options)
+        else:
+            raise ValueError(f"backbone {name!r}: unknown library {library!r} (timm, torchvision or cifar)")
+    except (OSError, RuntimeError) as err:
+        if pretrained and checkpoint_path is None:
+            raise RuntimeError(
+                f"could not get pretrained weights for {name!r} ({err}); without network access, "
+                "save the weights to a file and pass checkpoint_path"
+            ) from err
+        raise
+    if checkpoint_path is not None:
+        _load_matching(model, str(checkpoint_path))
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Fit a torchvision classifier's last linear layer to ``num_classes``."""
+    for name in ("fc", "classifier", "head", "heads"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            if head.out_features != num_classes:
+                setattr(model, name, nn.Linear(head.in_features, num_classes))
+            return
+        if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
+            if head[-1].out_features != num_classes:
+                head[-1] = nn.Linear(head[-1].in_features, num_classes)
+            return
+    raise ValueError(f"cannot find the classifier of {type(model).__name__} to resize")
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classification with a backbone from timm, torchvision or the CIFAR models.
+
+    Args:
+        backbone: ``"timm/resnet18"``, ``"torchvision/resnet18"``, ``"cifar/wrn28_10"``, ...
+        num_classes: output classes (the CLI links it from the datamodule).
+        pretrained: download pretrained weights (needs network; see ``checkpoint_path``).
+        checkpoint_path: load backbone weights from a local file.
+        backbone_options: extra keyword arguments of the backbone constructor.
+        optimizer: ``"sgd"`` (with ``momentum``, ``nesterov``) or ``"adamw"``.
+        lr, weight_decay: optimizer settings.
+        lr_schedule: ``"cosine"`` (to 0 over the run), ``"step"`` (times ``gamma`` at each
+            epoch in ``milestones``) or ``"constant"``; all with ``warmup_epochs`` of linear
+            warmup, applied per optimizer step.
+        label_smoothing: of the cross-entropy loss.
+        channels_last: run the backbone in channels_last memory format.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "cifar/resnetv2_20",
+        num_classes: int = 10,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        backbone_options: dict[str, Any] | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-4,
+        lr_schedule: Literal["cosine", "step", "constant"] = "cosine",
+        warmup_epochs: float = 0.0,
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"ImageClassifier: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if lr_schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"ImageClassifier: lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
+        if lr_schedule == "step" and not milestones:
+            raise ValueError("ImageClassifier: lr_schedule='step' needs milestones (epochs)")
+        self.net = create_backbone(backbone, num_classes, pretrained, checkpoint_path, **(backbone_options or {}))
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.hparams.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc1(logits, y)
+        self.val_acc5(logits, y)
+        self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=True)
+        self.log(f"{stage}/acc1", self.val_acc1, prog_bar=True)
+        self.log(f"{stage}/acc5", self.val_acc5)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(-1)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        if h.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, nesterov=h.nesterov,
+                                  weight_decay=h.weight_decay)  # fmt: skip
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        if not math.isfinite(total) or total <= 0:
+            return opt
+        per_epoch = total / epochs if epochs else total
+        warmup = h.warmup_epochs * per_epoch
+        milestones = sorted(h.milestones or [])
+
+        def factor(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            if h.lr_schedule == "cosine":
+                progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+                return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+            if h.lr_schedule == "step":
+                epoch = step / per_epoch
+                return ramp * h.gamma ** sum(epoch >= m for m in milestones)
+            return ramp
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

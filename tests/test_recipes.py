@@ -1,0 +1,139 @@
+"""Every recipe parses and trains (one fast_dev_run step on tiny local data), like torchgeo's config tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from lightning.pytorch import Trainer
+
+import lightning_whiten as lw
+from lightning_whiten.cli import main
+from lightning_whiten.layers import WhiteningNorm
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_every_recipe_is_listed_in_the_readme():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for recipe in RECIPES:
+        assert f"recipes/{recipe.name}" in readme, recipe.name
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].endswith("ImageClassifier")
+    header = recipe.read_text().splitlines()[:20]
+    assert any(line.startswith("# EXPECTED") for line in header), "header states the expected result"
+    assert any("TIME" in line or "minute" in line for line in header), "header states the time"
+
+
+def tiny_image_folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def shrink(recipe: Path, tmp_path: Path) -> Path:
+    """The recipe with tiny local data substituted (no download, seconds on CPU)."""
+    config = yaml.safe_load(recipe.read_text())
+    data = config["data"]
+    name = data["class_path"].rsplit(".", 1)[-1]
+    if name.startswith("CIFAR"):
+        config["data"] = {
+            "class_path": "lightning_whiten.data.SyntheticImages",
+            "init_args": {"num_classes": 10, "image_size": 32, "num_train": 16, "num_val": 8, "batch_size": 8},
+        }
+    elif name == "ImageFolder":
+        root = tiny_image_folder(tmp_path / "images")
+        config["data"]["init_args"].update({"root": str(root), "image_size": 32, "batch_size": 6, "num_workers": 0})
+    elif name == "Digits":
+        config["data"]["init_args"]["batch_size"] = 16
+    init = config["model"]["init_args"]
+    if init.get("checkpoint_path"):
+        backbone = init["backbone"].split("/", 1)[1]
+        weights = tmp_path / f"{backbone}.pth"
+        torch.save(timm.create_model(backbone, pretrained=False).state_dict(), weights)
+        init["checkpoint_path"] = str(weights)
+    trainer = config.setdefault("trainer", {})
+    trainer.update({"accelerator": "cpu", "devices": 1, "strategy": "auto", "default_root_dir": str(tmp_path)})
+    trainer.pop("logger", None)
+    path = tmp_path / recipe.name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
+    cli = main(["fit", "--config", str(shrink(recipe, tmp_path)), "--trainer.fast_dev_run", "true"])
+    model = cli.model
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, lw.WhiteningCallback)]
+    whitening = [m for m in model.modules() if isinstance(m, WhiteningNorm)]
+    if callbacks:
+        assert whitening and callbacks[0].report.num_replaced == len(whitening)
+        if callbacks[0].spec["placement"] == "first":
+            assert len(whitening) == 1
+    else:
+        assert not whitening
+    assert cli.trainer.state.finished
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_finetuning_from_a_local_timm_checkpoint_starts_as_the_pretrained_model(tmp_path):
+    torch.manual_seed(0)
+    pretrained = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    with torch.no_grad():  # "pretrained": non-trivial BN statistics
+        for m in pretrained.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(pretrained.state_dict(), weights)
+    pretrained.eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = pretrained(x)
+
+    model = lw.ImageClassifier(backbone="timm/resnet18", num_classes=1000, checkpoint_path=str(weights), lr=0.01)
+    model.eval()
+    torch.testing.assert_close(model(x), expected)  # loaded through timm's mechanism
+    lw.convert(model, "swbn", group_size=32)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)  # and still after conversion
+
+    # fine-tune a few steps with the callback (converting a fresh copy at setup)
+    model = lw.ImageClassifier(backbone="timm/resnet18", num_classes=1000, checkpoint_path=str(weights), lr=0.01)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("conv1.weight")}
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 64, 64), torch.randint(0, 1000, (16,)))
+    Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[lw.WhiteningCallback("iternorm", layer_options={"group_size": 32, "iterations": 3}, log_report=False)],
+    ).fit(model, torch.utils.data.DataLoader(data, batch_size=8))  # fmt: skip
+    assert any(isinstance(m, lw.IterNorm) for m in model.modules())
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_its_stated_accuracy(tmp_path):
+    # The README's main command, for real: ~1 minute on 2 CPU cores.
+    cli = main([
+        "fit", "--config", str(Path(__file__).parent.parent / "recipes" / "quickstart.yaml"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+    ])  # fmt: skip
+    accuracy = float(cli.trainer.callback_metrics["val/acc1"])
+    assert accuracy >= 0.97, accuracy
+    assert sum(isinstance(m, lw.IterNorm) for m in cli.model.modules()) == 19
