@@ -62,11 +62,17 @@ class _CPUPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # outputs that alias an input (views, in-place ops) allocate nothing
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs or {}))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self._seen:
+                if key and key not in self._seen and key not in inputs:
                     nbytes = storage.nbytes()
                     self._seen[key] = nbytes
                     self.live += nbytes

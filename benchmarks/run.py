@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     env = environment(device)
-    md = [f"Measured on {env['cpu'] if device.type == 'cpu' else env.get('gpu')} "
-          f"({env['threads']} threads), torch {env['torch']}, `python -m benchmarks.run"
-          f"{' --device ' + args.device if device.type != 'cpu' else ''}`."]  # fmt: skip
+    sections_md: dict[str, list[str]] = {}
 
     if "layers" in sections:
         from . import layers
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             columns,
             table,
         )
-        md += ["", "### Layers: forward + backward", "", _markdown(columns, table)]
+        sections_md["layers"] = ["### Layers: forward + backward", "", _markdown(columns, table)]
 
     if "models" in sections:
         from . import models
@@ -102,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(
             f"models: training step ({device.type}, {time.time() - start:.0f}s)", columns, table
         )
-        md += [
-            "",
+        sections_md["models"] = [
             "### Models: a training step (forward, backward, SGD)",
             "",
             _markdown(columns, table),
@@ -114,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = monitor.run(device, quick=args.quick)
         write_json(f"{device.type}-monitor", {"environment": env, "rows": rows})
-        columns = ["configuration", "ms / step", "overhead %"]
+        columns = ["what", "ms", "cost per step %"]
         table = [[r["config"], r["ms_per_step"], r["overhead_pct"]] for r in rows]
         print_table("WhiteningMonitor cost", columns, table)
-        md += ["", "### WhiteningMonitor cost", "", _markdown(columns, table)]
+        sections_md["monitor"] = ["### WhiteningMonitor cost", "", _markdown(columns, table)]
 
     if "ddp" in sections and device.type == "cpu":
         from . import ddp_sync
@@ -129,10 +126,26 @@ def main(argv: list[str] | None = None) -> int:
             [r["model"], r["sync"], r["ms"], r["overhead_pct"], r["calls"], r["kib"]] for r in rows
         ]
         print_table("DDP covariance sync (2 gloo processes)", columns, table)
-        md += ["", "### DDP covariance sync (2 CPU processes, gloo)", "", _markdown(columns, table)]
+        sections_md["ddp"] = [
+            "### DDP covariance sync (2 CPU processes, gloo)",
+            "",
+            _markdown(columns, table),
+        ]
 
+    # One markdown file per section, and a summary assembled from every section measured so far.
+    header = (
+        f"Measured on {env['cpu'] if device.type == 'cpu' else env.get('gpu')} ({env['threads']} threads), "
+        f"torch {env['torch']}, with `python -m benchmarks.run"
+        f"{' --device ' + args.device if device.type != 'cpu' else ''}`."
+    )
+    for name, lines in sections_md.items():
+        (Path(RESULTS) / f"{device.type}-{name}.md").write_text(
+            header + "\n\n" + "\n".join(lines) + "\n"
+        )
+    parts = [(Path(RESULTS) / f"{device.type}-{name}.md") for name in SECTIONS]
+    summary = [p.read_text() for p in parts if p.exists()]
     path = Path(RESULTS) / f"{device.type}.md"
-    path.write_text("\n".join(md) + "\n")
+    path.write_text("\n".join(summary))
     print(f"wrote {path}")
     return 0
 

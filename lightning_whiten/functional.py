@@ -623,6 +623,10 @@ class MatrixMap:
     object would be read again, after a buffer update, in a compiled backward).
     """
 
+    #: Whether ``backward`` always returns a diagonal ``dL/dcov`` (lets the layer's backward use
+    #: a per-channel scale instead of a GEMM).
+    diagonal_grad: bool = False
+
     def tensors(self) -> tuple[Tensor | None, ...]:
         return ()
 
@@ -772,6 +776,8 @@ class ZCAMap(MatrixMap):
 class StandardizeMap(MatrixMap):
     """SWBN's effective map ``W diag(var + eps)^-1/2`` with ``var = diag(cov)`` and a constant
     ``W`` (see :func:`standardize_matrix`)."""
+
+    diagonal_grad = True
 
     def __init__(
         self, eps: float, whitening: Tensor | None = None, valid: Tensor | None = None
@@ -967,16 +973,23 @@ class _Whiten(torch.autograd.Function):
                 s = (d_cov + d_cov.transpose(-1, -2)) / n
                 c = d_mean / n - _matvec(s, mean, layout)
                 at = a.transpose(-1, -2)
+                # A map whose covariance gradient is diagonal (SWBN: only the variances are
+                # differentiated) needs a per-channel scale, not a d x d GEMM, for S (x - mean).
+                scale = _unpad_vector(s.diagonal(dim1=-2, dim2=-1), layout) if fn.diagonal_grad else None
                 if _compiling():
-                    dxv = _affine_new(at, g, kind, layout, None) + _affine_new(
-                        s, v, kind, layout, c
-                    )
-                    dx = _from_view(dxv, kind, x)
+                    if scale is not None:
+                        cov_term = v * _channel_view(scale, kind) + _channel_view(c, kind)
+                    else:
+                        cov_term = _affine_new(s, v, kind, layout, c)
+                    dx = _from_view(_affine_new(at, g, kind, layout, None) + cov_term, kind, x)
                 else:
                     dx, dxv = _empty_like_view(x, kind, x.dtype)
                     for rows in chunks:
                         _gmm(at, g[rows], kind, layout, dxv[rows])
-                        _gmm(s, v[rows], kind, layout, dxv[rows], c, accumulate=True)
+                        if scale is not None:
+                            dxv[rows].addcmul_(v[rows], _channel_view(scale, kind)).add_(_channel_view(c, kind))
+                        else:
+                            _gmm(s, v[rows], kind, layout, dxv[rows], c, accumulate=True)
         return dx, dweight, dbias, None, None, None, *([None] * ctx.num_tensors)
 
 
