@@ -34,14 +34,14 @@ def run(
     device: torch.device, quick: bool = False, channels_last: bool = False
 ) -> list[dict[str, Any]]:
     rows = []
-    repeats = 5 if quick else 20
+    rounds = 5 if quick else 25
     for shape in SHAPES:
         x = torch.randn(shape, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         grad = torch.randn_like(x)
-        results: dict[str, dict[str, float]] = {}
+        steps = {}
         for name, make in candidates(shape[1]).items():
             layer = make().to(device).train()
 
@@ -50,20 +50,30 @@ def run(
                 layer.zero_grad(set_to_none=True)
                 layer(x).backward(grad)
 
-            results[name] = {
-                "ms": median_ms(step, device, warmup=2 if quick else 5, repeats=repeats),
-                "peak_mb": peak_memory_bytes(step, device) / 2**20,
-            }
-        bn = results["BatchNorm2d"]
-        for name, r in results.items():
-            plain = results.get(f"plain {name}")
+            steps[name] = step
+        # Interleaved rounds (every candidate once per round): slow drifts of a shared machine
+        # hit all candidates alike, and ratios are taken per round.
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for step in steps.values():
+            median_ms(step, device, warmup=2, repeats=1)
+        for _ in range(rounds):
+            for name, step in steps.items():
+                times[name].append(median_ms(step, device, warmup=0, repeats=1))
+        memory = {name: peak_memory_bytes(step, device) / 2**20 for name, step in steps.items()}
+
+        def median(values: list[float]) -> float:
+            return sorted(values)[len(values) // 2]
+
+        bn = times["BatchNorm2d"]
+        for name, values in times.items():
+            plain = times.get(f"plain {name}")
             rows.append({
                 "shape": "x".join(map(str, shape)),
                 "layer": name,
-                "ms": r["ms"],
-                "vs_bn": r["ms"] / bn["ms"],
-                "vs_plain": plain["ms"] / r["ms"] if plain else None,
-                "peak_mb": r["peak_mb"],
-                "mem_vs_bn": r["peak_mb"] / bn["peak_mb"] if bn["peak_mb"] else None,
+                "ms": median(values),
+                "vs_bn": median([a / b for a, b in zip(values, bn, strict=True)]),
+                "vs_plain": median([p / a for p, a in zip(plain, values, strict=True)]) if plain else None,
+                "peak_mb": memory[name],
+                "mem_vs_bn": memory[name] / memory["BatchNorm2d"],
             })  # fmt: skip
     return rows

@@ -23,7 +23,9 @@ __all__ = ["WhitenCLI", "main"]
 
 class WhitenCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
 
 
 def main(args: list[str] | None = None) -> WhitenCLI:

@@ -975,7 +975,11 @@ class _Whiten(torch.autograd.Function):
                 at = a.transpose(-1, -2)
                 # A map whose covariance gradient is diagonal (SWBN: only the variances are
                 # differentiated) needs a per-channel scale, not a d x d GEMM, for S (x - mean).
-                scale = _unpad_vector(s.diagonal(dim1=-2, dim2=-1), layout) if fn.diagonal_grad else None
+                scale = (
+                    _unpad_vector(s.diagonal(dim1=-2, dim2=-1), layout)
+                    if fn.diagonal_grad
+                    else None
+                )
                 if _compiling():
                     if scale is not None:
                         cov_term = v * _channel_view(scale, kind) + _channel_view(c, kind)
@@ -987,7 +991,9 @@ class _Whiten(torch.autograd.Function):
                     for rows in chunks:
                         _gmm(at, g[rows], kind, layout, dxv[rows])
                         if scale is not None:
-                            dxv[rows].addcmul_(v[rows], _channel_view(scale, kind)).add_(_channel_view(c, kind))
+                            dxv[rows].addcmul_(v[rows], _channel_view(scale, kind)).add_(
+                                _channel_view(c, kind)
+                            )
                         else:
                             _gmm(s, v[rows], kind, layout, dxv[rows], c, accumulate=True)
         return dx, dweight, dbias, None, None, None, *([None] * ctx.num_tensors)

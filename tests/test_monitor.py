@@ -99,7 +99,9 @@ def test_backward_timing_stops_at_each_layer(tmp_path):
             layers = [nn.Conv2d(3, 16, 3, padding=1)]
             for _ in range(8):
                 layers += [nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
-            self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+            self.net = nn.Sequential(
+                *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)
+            )
 
         def training_step(self, batch, batch_idx):
             return nn.functional.cross_entropy(self.net(batch[0]), batch[1])

@@ -31,7 +31,9 @@ def test_recipe_parses(recipe, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].endswith("ImageClassifier")
     header = recipe.read_text().splitlines()[:20]
-    assert any(line.startswith("# EXPECTED") for line in header), "header states the expected result"
+    assert any(line.startswith("# EXPECTED") for line in header), (
+        "header states the expected result"
+    )
     assert any("TIME" in line or "minute" in line for line in header), "header states the time"
 
 
@@ -57,11 +59,19 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
     if name.startswith("CIFAR"):
         config["data"] = {
             "class_path": "lightning_whiten.data.SyntheticImages",
-            "init_args": {"num_classes": 10, "image_size": 32, "num_train": 16, "num_val": 8, "batch_size": 8},
+            "init_args": {
+                "num_classes": 10,
+                "image_size": 32,
+                "num_train": 16,
+                "num_val": 8,
+                "batch_size": 8,
+            },
         }
     elif name == "ImageFolder":
         root = tiny_image_folder(tmp_path / "images")
-        config["data"]["init_args"].update({"root": str(root), "image_size": 32, "batch_size": 6, "num_workers": 0})
+        config["data"]["init_args"].update(
+            {"root": str(root), "image_size": 32, "batch_size": 6, "num_workers": 0}
+        )
     elif name == "Digits":
         config["data"]["init_args"]["batch_size"] = 16
     init = config["model"]["init_args"]
@@ -71,7 +81,9 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
         torch.save(timm.create_model(backbone, pretrained=False).state_dict(), weights)
         init["checkpoint_path"] = str(weights)
     trainer = config.setdefault("trainer", {})
-    trainer.update({"accelerator": "cpu", "devices": 1, "strategy": "auto", "default_root_dir": str(tmp_path)})
+    trainer.update(
+        {"accelerator": "cpu", "devices": 1, "strategy": "auto", "default_root_dir": str(tmp_path)}
+    )
     trainer.pop("logger", None)
     path = tmp_path / recipe.name
     path.write_text(yaml.safe_dump(config))
@@ -108,14 +120,20 @@ def test_finetuning_from_a_local_timm_checkpoint_starts_as_the_pretrained_model(
     x = torch.randn(2, 3, 64, 64)
     expected = pretrained(x)
 
-    model = lw.ImageClassifier(backbone="timm/resnet18", num_classes=1000, checkpoint_path=str(weights), lr=0.01)
+    model = lw.ImageClassifier(
+        backbone="timm/resnet18", num_classes=1000, checkpoint_path=str(weights), lr=0.01
+    )
     model.eval()
     torch.testing.assert_close(model(x), expected)  # loaded through timm's mechanism
     lw.convert(model, "swbn", group_size=32)
-    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)  # and still after conversion
+    torch.testing.assert_close(
+        model(x), expected, rtol=1e-4, atol=1e-4
+    )  # and still after conversion
 
     # fine-tune a few steps with the callback (converting a fresh copy at setup)
-    model = lw.ImageClassifier(backbone="timm/resnet18", num_classes=1000, checkpoint_path=str(weights), lr=0.01)
+    model = lw.ImageClassifier(
+        backbone="timm/resnet18", num_classes=1000, checkpoint_path=str(weights), lr=0.01
+    )
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("conv1.weight")}
     data = torch.utils.data.TensorDataset(torch.randn(16, 3, 64, 64), torch.randint(0, 1000, (16,)))
     Trainer(

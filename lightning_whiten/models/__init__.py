@@ -3,4 +3,11 @@
 from .cifar import CIFAR_MODELS, preact_resnet, vgg_e, wide_resnet
 from .classifier import ImageClassifier, create_backbone
 
-__all__ = ["CIFAR_MODELS", "ImageClassifier", "create_backbone", "preact_resnet", "vgg_e", "wide_resnet"]
+__all__ = [
+    "CIFAR_MODELS",
+    "ImageClassifier",
+    "create_backbone",
+    "preact_resnet",
+    "vgg_e",
+    "wide_resnet",
+]

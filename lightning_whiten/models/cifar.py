@@ -43,7 +43,9 @@ class _PreActBlock(nn.Module):
 
 
 class _PreActResNet(nn.Module):
-    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int, dropout: float) -> None:
+    def __init__(
+        self, depth: int, widths: tuple[int, int, int, int], num_classes: int, dropout: float
+    ) -> None:
         super().__init__()
         if (depth - 4) % 6 and (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 or 6n + 4, got {depth}")
@@ -54,7 +56,9 @@ class _PreActResNet(nn.Module):
         for i, planes in enumerate(widths[1:]):
             layers = []
             for j in range(blocks):
-                layers.append(_PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout))
+                layers.append(
+                    _PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout)
+                )
                 in_planes = planes
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
@@ -73,7 +77,9 @@ class _PreActResNet(nn.Module):
         return self.fc(self.pool(self.relu(self.bn(x))).flatten(1))
 
 
-def wide_resnet(depth: int = 28, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+def wide_resnet(
+    depth: int = 28, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0
+) -> nn.Module:
     """WRN-depth-k: widths 16, 16k, 32k, 64k; (depth - 4) / 6 blocks per stage."""
     if (depth - 4) % 6:
         raise ValueError(f"wide_resnet: depth must be 6n + 4, got {depth}")
@@ -97,7 +103,11 @@ class _VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(channels, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, int(v), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(inplace=True),
+                ]
                 channels = int(v)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -112,7 +122,28 @@ class _VGG(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-_VGG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+_VGG_E = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+]
 
 
 def vgg_e(num_classes: int = 10) -> nn.Module:

@@ -53,7 +53,9 @@ def create_backbone(
     """
     library, _, arch = name.partition("/")
     if not arch:
-        raise ValueError(f"backbone {name!r}: expected 'timm/<model>', 'torchvision/<model>' or 'cifar/<model>'")
+        raise ValueError(
+            f"backbone {name!r}: expected 'timm/<model>', 'torchvision/<model>' or 'cifar/<model>'"
+        )
     try:
         if library == "timm":
             import timm
@@ -61,7 +63,9 @@ def create_backbone(
             kwargs: dict[str, Any] = {"num_classes": num_classes, **options}
             if checkpoint_path is not None:
                 kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
-            return timm.create_model(arch, pretrained=pretrained or checkpoint_path is not None, **kwargs)
+            return timm.create_model(
+                arch, pretrained=pretrained or checkpoint_path is not None, **kwargs
+            )
         if library == "torchvision":
             import torchvision
 
@@ -70,15 +74,23 @@ def create_backbone(
                 model = torchvision.models.get_model(arch, weights=weights, **options)
                 _replace_head(model, num_classes)
                 return model
-            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+            model = torchvision.models.get_model(
+                arch, weights=None, num_classes=num_classes, **options
+            )
         elif library == "cifar":
             if arch not in CIFAR_MODELS:
-                raise ValueError(f"unknown CIFAR backbone {arch!r}: choose one of {sorted(CIFAR_MODELS)}")
+                raise ValueError(
+                    f"unknown CIFAR backbone {arch!r}: choose one of {sorted(CIFAR_MODELS)}"
+                )
             if pretrained and checkpoint_path is None:
-                raise ValueError("cifar backbones have no downloadable weights: pass checkpoint_path")
+                raise ValueError(
+                    "cifar backbones have no downloadable weights: pass checkpoint_path"
+                )
             model = CIFAR_MODELS[arch](num_classes, **options)
         else:
-            raise ValueError(f"backbone {name!r}: unknown library {library!r} (timm, torchvision or cifar)")
+            raise ValueError(
+                f"backbone {name!r}: unknown library {library!r} (timm, torchvision or cifar)"
+            )
     except (OSError, RuntimeError) as err:
         if pretrained and checkpoint_path is None:
             raise RuntimeError(
@@ -146,12 +158,18 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"ImageClassifier: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+            raise ValueError(
+                f"ImageClassifier: optimizer must be 'sgd' or 'adamw', got {optimizer!r}"
+            )
         if lr_schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"ImageClassifier: lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}")
+            raise ValueError(
+                f"ImageClassifier: lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}"
+            )
         if lr_schedule == "step" and not milestones:
             raise ValueError("ImageClassifier: lr_schedule='step' needs milestones (epochs)")
-        self.net = create_backbone(backbone, num_classes, pretrained, checkpoint_path, **(backbone_options or {}))
+        self.net = create_backbone(
+            backbone, num_classes, pretrained, checkpoint_path, **(backbone_options or {})
+        )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         from torchmetrics.classification import MulticlassAccuracy
@@ -202,7 +220,11 @@ class ImageClassifier(pl.LightningModule):
         else:
             opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
         total = self.trainer.estimated_stepping_batches
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        epochs = (
+            self.trainer.max_epochs
+            if self.trainer.max_epochs and self.trainer.max_epochs > 0
+            else None
+        )
         if not math.isfinite(total) or total <= 0:
             return opt
         per_epoch = total / epochs if epochs else total
