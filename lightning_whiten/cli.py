@@ -18,7 +18,7 @@ from . import callbacks as _callbacks  # noqa: F401
 from .data import CIFAR10, CIFAR100, Digits, ImageDataModule, ImageFolder, SyntheticImages  # noqa: F401
 from .models import ImageClassifier
 
-__all__ = ["WhitenCLI", "main"]
+__all__ = ["WhitenCLI", "main", "run"]
 
 
 class WhitenCLI(LightningCLI):
@@ -28,8 +28,8 @@ class WhitenCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> WhitenCLI:
-    """Entry point of ``lightning-whiten`` (``args``: for tests; default ``sys.argv``)."""
+def run(args: list[str] | None = None) -> WhitenCLI:
+    """Run the CLI and return it (for tests and scripts; ``args`` default to ``sys.argv``)."""
     return WhitenCLI(
         ImageClassifier,
         ImageDataModule,
@@ -39,6 +39,14 @@ def main(args: list[str] | None = None) -> WhitenCLI:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def main() -> None:
+    """Entry point of ``lightning-whiten`` and ``python -m lightning_whiten``.
+
+    Returns nothing: the console-script wrapper passes the return value to ``sys.exit``.
+    """
+    run()
 
 
 if __name__ == "__main__":

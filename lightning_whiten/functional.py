@@ -383,6 +383,36 @@ def _moments(v: Tensor, kind: str, layout: GroupLayout) -> tuple[Tensor, Tensor,
     return torch.tensor(count, dtype=torch.float64, device=v.device), mean, m2
 
 
+def _batch_statistics(
+    x: Tensor, v: Tensor, kind: str, layout: GroupLayout, process_group: dist.ProcessGroup | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(count, mean (C,), cov (G, d, d))`` of a batch in ``x``'s dtype, over every rank of
+    ``process_group`` when given: one collective per layer and step, of (sum x, sum x x^T,
+    count) in float64, so uneven per-rank batches are weighted by their counts and nothing
+    cancels badly."""
+    n, mean, m2 = _moments(v, kind, layout)
+    if process_group is not None:
+        c = layout.num_features
+        s2 = m2 + n * _outer(mean, mean, layout)
+        packed = torch.cat([n * mean, s2.reshape(-1), n.view(1)])
+        dist.all_reduce(packed, group=process_group)
+        n = packed[-1].clone()
+        mean = packed[:c] / n
+        m2 = packed[c:-1].view_as(s2) - n * _outer(mean, mean, layout)
+    cov = canonicalize((m2 / n).to(x.dtype), valid_mask(layout, x.device))
+    return n.to(x.dtype), mean.to(x.dtype), cov
+
+
+def _sum_statistics_grads(
+    d_mean: Tensor, d_cov: Tensor, layout: GroupLayout, process_group: dist.ProcessGroup
+) -> tuple[Tensor, Tensor]:
+    """Every rank's loss depends on the global statistics: sum their gradients over the ranks
+    (one collective)."""
+    packed = torch.cat([d_mean.reshape(-1), d_cov.reshape(-1)])
+    dist.all_reduce(packed, group=process_group)
+    return packed[: layout.num_features], packed[layout.num_features :].view_as(d_cov)
+
+
 # --------------------------------------------------------------------------------------------
 # Batch covariance (autograd Function)
 # --------------------------------------------------------------------------------------------
@@ -408,20 +438,7 @@ class _BatchCovariance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, process_group):  # type: ignore[override]
         v, kind = _as_view(x)
-        n, mean, m2 = _moments(v, kind, layout)
-        if process_group is not None:
-            # One collective per layer and step, of (sum x, sum x x^T, count) in float64, so
-            # uneven per-rank batches are weighted by their counts and nothing cancels badly.
-            c = layout.num_features
-            s2 = m2 + n * _outer(mean, mean, layout)
-            packed = torch.cat([n * mean, s2.reshape(-1), n.view(1)])
-            dist.all_reduce(packed, group=process_group)
-            n = packed[-1].clone()
-            mean = packed[:c] / n
-            m2 = packed[c:-1].view_as(s2) - n * _outer(mean, mean, layout)
-        cov = canonicalize((m2 / n).to(x.dtype), valid_mask(layout, x.device))
-        mean = mean.to(x.dtype)
-        n = n.to(x.dtype)
+        n, mean, cov = _batch_statistics(x, v, kind, layout, process_group)
         ctx.save_for_backward(x, mean, n)
         ctx.layout = layout
         ctx.process_group = process_group
@@ -434,17 +451,13 @@ class _BatchCovariance(torch.autograd.Function):
         layout = ctx.layout
         with _no_autocast(x):
             if ctx.process_group is not None:
-                # Every rank's loss depends on the global statistics: sum their gradients.
                 dm = d_mean if d_mean is not None else torch.zeros_like(mean)
                 dc = (
                     d_cov
                     if d_cov is not None
                     else x.new_zeros(layout.num_groups, layout.group_size, layout.group_size)
                 )
-                packed = torch.cat([dm.reshape(-1), dc.reshape(-1)])
-                dist.all_reduce(packed, group=ctx.process_group)
-                d_mean = packed[: layout.num_features]
-                d_cov = packed[layout.num_features :].view_as(dc)
+                d_mean, d_cov = _sum_statistics_grads(dm, dc, layout, ctx.process_group)
             # d/dx of mean and cov: dmean / n + (dC + dC^T) (x - mean) / n
             bias = d_mean / n if d_mean is not None else torch.zeros_like(mean)
             s = None
@@ -900,19 +913,7 @@ class _Whiten(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, fn, layout, process_group, *tensors):  # type: ignore[override]
         v, kind = _as_view(x)
-        n, mean, m2 = _moments(v, kind, layout)
-        if process_group is not None:
-            # One collective per layer and step, of (sum x, sum x x^T, count) in float64.
-            c = layout.num_features
-            s2 = m2 + n * _outer(mean, mean, layout)
-            packed = torch.cat([n * mean, s2.reshape(-1), n.view(1)])
-            dist.all_reduce(packed, group=process_group)
-            n = packed[-1].clone()
-            mean = packed[:c] / n
-            m2 = packed[c:-1].view_as(s2) - n * _outer(mean, mean, layout)
-        cov = canonicalize((m2 / n).to(x.dtype), valid_mask(layout, x.device))
-        mean = mean.to(x.dtype)
-        n = n.to(x.dtype)
+        n, mean, cov = _batch_statistics(x, v, kind, layout, process_group)
         w, saved = fn.forward(cov, *tensors)
         a = w if weight is None else w * _pad_vector(weight, layout).unsqueeze(-1)
         # weight * (W (x - mean)) + bias = A x + (bias - A mean): no centered copy of x.
@@ -963,11 +964,7 @@ class _Whiten(torch.autograd.Function):
                 d_cov = fn.backward(tuple(saved), d_w, *tensors)
                 d_mean = -_matvec(a.transpose(-1, -2), s_dy, layout)
                 if ctx.process_group is not None:
-                    # Every rank's loss depends on the global statistics: sum their gradients.
-                    packed = torch.cat([d_mean, d_cov.reshape(-1)])
-                    dist.all_reduce(packed, group=ctx.process_group)
-                    d_mean = packed[: layout.num_features]
-                    d_cov = packed[layout.num_features :].view_as(d_cov)
+                    d_mean, d_cov = _sum_statistics_grads(d_mean, d_cov, layout, ctx.process_group)
                 # Phase 2: dx = A^T dy + S (x - mean) + d_mean / n, S = (dC + dC^T) / n,
                 # both GEMMs accumulating into the same cache-resident chunk of dx.
                 s = (d_cov + d_cov.transpose(-1, -2)) / n

@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch import Trainer
 
 import lightning_whiten as lw
-from lightning_whiten.cli import main
+from lightning_whiten.cli import run
 from lightning_whiten.layers import WhiteningNorm
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -26,7 +26,7 @@ def test_every_recipe_is_listed_in_the_readme():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_parses(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(recipe), "--print_config"])
+        run(["fit", "--config", str(recipe), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].endswith("ImageClassifier")
@@ -92,7 +92,7 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
-    cli = main(["fit", "--config", str(shrink(recipe, tmp_path)), "--trainer.fast_dev_run", "true"])
+    cli = run(["fit", "--config", str(shrink(recipe, tmp_path)), "--trainer.fast_dev_run", "true"])
     model = cli.model
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, lw.WhiteningCallback)]
     whitening = [m for m in model.modules() if isinstance(m, WhiteningNorm)]
@@ -104,6 +104,22 @@ def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
         assert not whitening
     assert cli.trainer.state.finished
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_command_line_exits_with_status_zero(tmp_path):
+    # The console script passes main()'s return value to sys.exit: a successful run must exit 0.
+    import subprocess
+    import sys
+
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_whiten", "fit", "--config", str(recipe), "--trainer.fast_dev_run", "true",
+         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "WhitenCLI object" not in done.stdout + done.stderr
 
 
 def test_finetuning_from_a_local_timm_checkpoint_starts_as_the_pretrained_model(tmp_path):
@@ -147,7 +163,7 @@ def test_finetuning_from_a_local_timm_checkpoint_starts_as_the_pretrained_model(
 @pytest.mark.slow
 def test_quickstart_reaches_its_stated_accuracy(tmp_path):
     # The README's main command, for real: ~1 minute on 2 CPU cores.
-    cli = main([
+    cli = run([
         "fit", "--config", str(Path(__file__).parent.parent / "recipes" / "quickstart.yaml"),
         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(tmp_path),

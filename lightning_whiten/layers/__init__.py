@@ -1,6 +1,6 @@
 """Whitening layers: drop-in replacements for BatchNorm that also decorrelate channels."""
 
-from .base import WhiteningNorm
+from .base import RunningWhiteningNorm, WhiteningNorm
 from .dbn import DBN
 from .iternorm import IterNorm
 from .norm_act import DBNAct, IterNormAct, NormActMixin, SWBNAct, norm_act_class
@@ -13,6 +13,7 @@ __all__ = [
     "IterNorm",
     "IterNormAct",
     "NormActMixin",
+    "RunningWhiteningNorm",
     "SWBNAct",
     "WhiteningNorm",
     "norm_act_class",

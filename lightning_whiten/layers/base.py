@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..distributed import SYNC_MODES, SyncMode, resolve_process_group
 
-__all__ = ["WhiteningNorm"]
+__all__ = ["RunningWhiteningNorm", "WhiteningNorm"]
 
 _FLOAT_BUFFER_DTYPES = (torch.float32, torch.float64)
 
@@ -401,3 +401,28 @@ def _lerp_(buffer: Tensor, new: Tensor, factor: Tensor, finite: Tensor) -> None:
     """``buffer <- (1 - factor) buffer + factor new`` unless the batch was non-finite (no sync)."""
     updated = torch.lerp(buffer, new.to(buffer.dtype), factor.to(buffer.dtype))
     buffer.copy_(torch.where(finite, updated, buffer))
+
+
+class RunningWhiteningNorm(WhiteningNorm):
+    """A whitening layer whose eval map is a momentum average of its batch whitening matrices
+    (IterNorm, DBN): ``running_whitening <- (1 - momentum) running_whitening + momentum W``,
+    eval ``y = weight * running_whitening (x - running_mean) + bias``."""
+
+    def _register_running_whitening(self, device: Any) -> None:
+        if self.track_running_stats:
+            factory: dict[str, Any] = {"device": device, "dtype": self.running_mean.dtype}
+            self.register_buffer("running_whitening", self._identity_matrices(**factory))
+        else:
+            self.register_buffer("running_whitening", None)
+
+    def _inference_map(self) -> tuple[Tensor, Tensor]:
+        return self.running_whitening, self.running_mean
+
+    def _update_state(self, stats, matrix, factor, finite) -> None:
+        if self.track_running_stats:
+            _lerp_(self.running_whitening, matrix, factor, finite)
+
+    def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
+        # BatchNorm's eval map is diag((var + eps)^-1/2) (x - mean): its eps is folded in here.
+        self.running_mean.copy_(mean)
+        self.running_whitening.copy_(self._diag_matrices((var.to(torch.float64) + eps).rsqrt()))

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor
 
 from .. import functional as F
 from ..distributed import SyncMode
-from .base import WhiteningNorm, _lerp_
+from .base import RunningWhiteningNorm
 
 __all__ = ["DBN"]
 
 
-class DBN(WhiteningNorm):
+class DBN(RunningWhiteningNorm):
     r"""Decorrelated Batch Normalization: ZCA whitening per channel group.
 
     Per group of ``group_size`` channels, in training::
@@ -70,22 +67,7 @@ class DBN(WhiteningNorm):
             device,
             dtype,
         )
-        if track_running_stats:
-            factory: dict[str, Any] = {"device": device, "dtype": self.running_mean.dtype}
-            self.register_buffer("running_whitening", self._identity_matrices(**factory))
-        else:
-            self.register_buffer("running_whitening", None)
+        self._register_running_whitening(device)
 
     def _matrix_map(self) -> F.MatrixMap:
         return F.ZCAMap(self.eps, self.group_mask)
-
-    def _inference_map(self) -> tuple[Tensor, Tensor]:
-        return self.running_whitening, self.running_mean
-
-    def _update_state(self, moments, matrix, factor, finite) -> None:
-        if self.track_running_stats:
-            _lerp_(self.running_whitening, matrix, factor, finite)
-
-    def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
-        self.running_mean.copy_(mean)
-        self.running_whitening.copy_(self._diag_matrices((var.to(torch.float64) + eps).rsqrt()))

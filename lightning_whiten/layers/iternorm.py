@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from .. import functional as F
 from ..distributed import SyncMode
-from .base import WhiteningNorm, _lerp_
+from .base import RunningWhiteningNorm
 
 __all__ = ["IterNorm"]
 
 
-class IterNorm(WhiteningNorm):
+class IterNorm(RunningWhiteningNorm):
     r"""Iterative Normalization: whitening without eigendecomposition.
 
     Per group of ``group_size`` channels, in training::
@@ -90,11 +89,7 @@ class IterNorm(WhiteningNorm):
             raise ValueError(f"IterNorm: method must be 'newton' or 'coupled', got {method!r}")
         self.iterations = iterations
         self.method = method
-        if track_running_stats:
-            factory: dict[str, Any] = {"device": device, "dtype": self.running_mean.dtype}
-            self.register_buffer("running_whitening", self._identity_matrices(**factory))
-        else:
-            self.register_buffer("running_whitening", None)
+        self._register_running_whitening(device)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Schedules change ``iterations`` during training: validate every assignment.
@@ -104,17 +99,6 @@ class IterNorm(WhiteningNorm):
 
     def _matrix_map(self) -> F.MatrixMap:
         return F.IterNormMap(self.iterations, self.eps, self.method, self.group_mask)
-
-    def _inference_map(self) -> tuple[Tensor, Tensor]:
-        return self.running_whitening, self.running_mean
-
-    def _update_state(self, moments, matrix, factor, finite) -> None:
-        if self.track_running_stats:
-            _lerp_(self.running_whitening, matrix, factor, finite)
-
-    def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
-        self.running_mean.copy_(mean)
-        self.running_whitening.copy_(self._diag_matrices((var.to(torch.float64) + eps).rsqrt()))
 
     def _extra_repr_options(self) -> list[str]:
         return [f"iterations={self.iterations}", f"method={self.method!r}"]
