@@ -14,17 +14,24 @@ group is full), from :func:`valid_mask`.
 Everything here runs in the dtype of its inputs: callers (the layers) upcast half-precision
 activations to float32 first, so covariances and iterations never run in fp16/bf16.
 
-The activation-sized work is done by two autograd Functions whose backward passes save only
-the centered input (the same memory as BatchNorm, whatever the number of iterations):
+Training-mode whitening is one fused autograd node, :func:`whiten`:
+``y = weight * (W (x - mean)) + bias`` with ``W = fn(cov)`` for a :class:`MatrixMap` ``fn``.
+Its backward saves only ``x`` and small ``(G, d, d)`` matrices (the same activation memory as
+BatchNorm, whatever the number of iterations) and reads ``x`` and ``dy`` twice. The
+activation-sized passes run chunk by chunk (about 4 MB at a time) so each chunk is reused from
+cache by the GEMMs that follow.
 
-* :func:`batch_covariance` -- ``x -> (x, mean, cov)`` (x passes through to carry its gradient).
-* :func:`grouped_affine` -- ``y = weight * (A (x - offset)) + bias`` with a block-diagonal ``A``.
+The method-specific part is a differentiable map of the small covariance, with a hand-written
+backward: :class:`IterNormMap` (Newton or coupled Newton-Schulz iterations, differentiated
+through the truncated steps), :class:`ZCAMap` (eigendecomposition with a divided-difference
+backward) and :class:`StandardizeMap` (SWBN's ``W diag(var + eps)^-1/2``), with functional
+forms :func:`iternorm_matrix`, :func:`zca_matrix`, :func:`standardize_matrix`.
 
-The method-specific part is a differentiable function of the small ``(G, d, d)`` covariance:
-:func:`iternorm_matrix` (Newton or coupled Newton-Schulz iterations, differentiated through the
-truncated steps), :func:`zca_matrix` (eigendecomposition with a divided-difference backward)
-and :func:`standardize_matrix` (SWBN's ``W diag(var + eps)^-1/2``), plus the SWBN update
-:func:`swbn_update`.
+Composable building blocks for custom layers: :func:`batch_covariance`
+(``x -> (x, mean, cov, count)``, x passes through to carry its gradient) and
+:func:`grouped_affine` (``y = weight * (A (x - offset)) + bias`` with a block-diagonal ``A``);
+plus the SWBN update :func:`swbn_update` and the diagnostics :func:`whitening_error` and
+:func:`newton_residual`.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ __all__ = [
     "group_layout",
     "grouped_affine",
     "iternorm_matrix",
+    "newton_residual",
     "standardize_matrix",
     "swbn_update",
     "valid_mask",

@@ -150,3 +150,17 @@ def test_whiten_with_a_custom_matrix_map():
     result = F.whiten(x, Scale(), 3)
     torch.testing.assert_close(result.output, 2 * (x - x.mean(0)))
     assert torch.autograd.gradcheck(lambda t: F.whiten(t, Scale(), 3).output, (x,))
+
+
+def test_newton_residual_measures_distance_from_whitening():
+    cov = spd(2, 6)
+    eps = 1e-5
+    exact = torch.stack([ref.zca_inverse_sqrt(c, eps) for c in cov])
+    torch.testing.assert_close(F.newton_residual(cov, exact, eps), torch.zeros(2, dtype=cov.dtype))
+    # W = I leaves the covariance as it is: the residual is ||cov + eps I - I||_F / d
+    eye = torch.eye(6, dtype=cov.dtype)
+    expected = torch.linalg.matrix_norm(cov + eps * eye - eye) / 6
+    torch.testing.assert_close(F.newton_residual(cov, eye.expand(2, 6, 6), eps), expected)
+    # more Newton iterations land closer to the exact inverse square root
+    residuals = [F.newton_residual(cov, F.iternorm_matrix(cov, t, eps), eps) for t in (1, 3, 7)]
+    assert (residuals[0] > residuals[1]).all() and (residuals[1] > residuals[2]).all()

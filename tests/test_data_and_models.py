@@ -1,0 +1,96 @@
+"""Datamodules and the ImageClassifier used by the recipes."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchvision
+
+import lightning_whiten as lw
+from lightning_whiten.data import CIFAR10, Digits, ImageFolder, SyntheticImages
+from lightning_whiten.models import create_backbone
+
+
+def test_digits_is_offline_stratified_and_deterministic():
+    data = Digits(image_size=16, val_fraction=0.25, batch_size=32)
+    data.setup()
+    assert len(data.train_set) + len(data.val_set) == 1797
+    x, y = next(iter(data.val_dataloader()))
+    assert x.shape == (32, 3, 16, 16) and y.dtype == torch.long
+    labels = torch.stack([data.val_set[i][1] for i in range(len(data.val_set))])
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.min() >= 40 and counts.max() <= 50  # ~25% of each class
+    again = Digits(image_size=16, val_fraction=0.25)
+    again.setup()
+    assert torch.equal(again.val_set.tensors[0], data.val_set.tensors[0])
+
+
+def test_datamodule_errors_are_clear(tmp_path):
+    data = CIFAR10(data_dir=str(tmp_path), download=False, num_workers=0)
+    with pytest.raises(
+        RuntimeError, match=r"CIFAR10: the dataset is not in .* ImageFolder or Digits"
+    ):
+        data.prepare_data()
+    with pytest.raises(FileNotFoundError, match=r"ImageFolder: expected a folder .*train"):
+        ImageFolder(root=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        SyntheticImages(batch_size=1)
+
+
+def test_backbone_names_and_local_weights(tmp_path):
+    with pytest.raises(ValueError, match="unknown library"):
+        create_backbone("keras/resnet", 10)
+    with pytest.raises(ValueError, match="unknown CIFAR backbone"):
+        create_backbone("cifar/resnet9000", 10)
+    with pytest.raises(ValueError, match="no downloadable weights"):
+        create_backbone("cifar/resnetv2_20", 10, pretrained=True)
+    # torchvision weights from a local file; the 1000-class head is re-initialized for 10 classes
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.warns(UserWarning, match="fc.weight"):
+        model = create_backbone("torchvision/resnet18", 10, checkpoint_path=str(path))
+    assert model.fc.out_features == 10
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_learning_rate_schedules_follow_their_formulas(schedule, tmp_path):
+    lrs = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = lw.ImageClassifier(
+        backbone="cifar/resnetv2_20", num_classes=4, lr=0.1, lr_schedule=schedule, warmup_epochs=1,
+        milestones=[2, 3], gamma=0.5,
+    )  # fmt: skip
+    data = SyntheticImages(num_classes=4, image_size=8, num_train=32, num_val=8, batch_size=8)
+    pl.Trainer(
+        max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Record()], limit_val_batches=0,
+    ).fit(model, data)  # fmt: skip
+    total, per_epoch, warmup = 16, 4, 4
+    for step, lr in enumerate(lrs):
+        ramp = min(1.0, (step + 1) / warmup)
+        if schedule == "cosine":
+            progress = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
+            expected = 0.1 * ramp * 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            expected = 0.1 * ramp * 0.5 ** sum(step / per_epoch >= m for m in (2, 3))
+        assert lr == pytest.approx(expected), (step, lr, expected)
+
+
+def test_classifier_channels_last_and_predict():
+    model = lw.ImageClassifier(backbone="cifar/resnetv2_20", num_classes=5, channels_last=True)
+    model.eval()
+    probs = model.predict_step((torch.randn(3, 3, 16, 16), torch.zeros(3)), 0)
+    assert probs.shape == (3, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="lr_schedule='step' needs milestones"):
+        lw.ImageClassifier(lr_schedule="step")
