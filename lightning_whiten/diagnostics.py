@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import functional as F
 from .layers import IterNorm, WhiteningNorm
 
-__all__ = ["Whiteness", "batch_transform", "snd", "whiteness"]
+__all__ = ["Whiteness", "batch_transform", "nonfinite_batches", "snd", "whiteness"]
 
 
 _PER_SAMPLE = (nn.GroupNorm, nn.LayerNorm)
@@ -177,3 +177,17 @@ def whiteness(layer: nn.Module, inputs: Tensor, group_size: int | None = None) -
         matrix = F.iternorm_matrix(cov_in, layer.iterations, layer.eps, layer.method, valid)
         residual = F.newton_residual(cov_in, matrix, layer.eps, valid)
     return Whiteness(F.whitening_error(cov_out, valid), condition, residual)
+
+
+def nonfinite_batches(model: nn.Module) -> dict[str, int]:
+    """Training batches each whitening layer of ``model`` skipped for non-finite statistics.
+
+    The counts live on the layers' devices; this reads them all with one host synchronization.
+    Keys are qualified module names.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, WhiteningNorm)]
+    if not layers:
+        return {}
+    device = layers[0][1].nonfinite_batches.device
+    counts = torch.stack([m.nonfinite_batches.to(device) for _, m in layers]).tolist()
+    return dict(zip([n for n, _ in layers], counts, strict=True))

@@ -109,9 +109,9 @@ def valid_mask(layout: GroupLayout, device: torch.device | str | None = None) ->
     """``(G, d)`` boolean mask of real (non-padding) channels, or ``None`` if no group is padded."""
     if not layout.padded:
         return None
-    mask = torch.ones(layout.num_groups, layout.group_size, dtype=torch.bool, device=device)
-    mask[-1, layout.last_group_size :] = False
-    return mask
+    # Channel index < C, built on the device (no host-to-device copy).
+    index = torch.arange(layout.num_groups * layout.group_size, device=device)
+    return (index < layout.num_features).view(layout.num_groups, layout.group_size)
 
 
 def canonicalize(matrices: Tensor, valid: Tensor | None, pad_value: float = 1.0) -> Tensor:
@@ -377,18 +377,19 @@ def _moments(v: Tensor, kind: str, layout: GroupLayout) -> tuple[Tensor, Tensor,
         means.append(mean)
         grams.append(_gram(centered, centered, kind, layout))
     count = float(sum(counts))
+    # Built with fill kernels, not torch.tensor(): a host-to-device copy would synchronize
+    # the host with the GPU in every layer's forward (and break CUDA-graph capture).
+    n = torch.full((), count, dtype=torch.float64, device=v.device)
     if len(counts) == 1:
-        return (
-            torch.tensor(count, dtype=torch.float64, device=v.device),
-            means[0].double(),
-            grams[0].double(),
-        )
-    weights = torch.tensor(counts, dtype=torch.float64, device=v.device)
+        return n, means[0].double(), grams[0].double()
+    # Every chunk but the last has the same number of rows.
+    weights = torch.full((len(counts),), float(counts[0]), dtype=torch.float64, device=v.device)
+    weights[-1].fill_(float(counts[-1]))
     mus = torch.stack(means).double()  # (k, C)
     mean = (weights.unsqueeze(1) * mus).sum(0) / count
     dev = torch.stack([_pad_vector(m, layout) for m in (mus - mean)])  # (k, G, d)
     m2 = torch.stack(grams).double().sum(0) + torch.einsum("k,kgi,kgj->gij", weights, dev, dev)
-    return torch.tensor(count, dtype=torch.float64, device=v.device), mean, m2
+    return n, mean, m2
 
 
 def _batch_statistics(

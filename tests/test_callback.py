@@ -8,8 +8,9 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import BufferDump, TinyClassifier, loader
+from lightning_helpers import BufferDump, TinyClassifier, loader, make_data
 from torch import nn
+from torch.utils.data import DataLoader
 
 import lightning_whiten as lw
 from lightning_whiten.layers import WhiteningNorm
@@ -253,6 +254,20 @@ def test_schedule_and_tie_conflict_is_an_error():
         lw.WhiteningCallback(
             "swbn", schedules={"whitening_rate": 1e-4}, tie_whitening_rate_to_lr=1e-4
         )
+
+
+def test_non_finite_batches_off_cpu_are_reported_once_per_epoch(tmp_path, monkeypatch):
+    # Simulate an accelerator: layers only count (no per-step host read), the callback warns.
+    monkeypatch.setattr("lightning_whiten.layers.base.warns_at_batch", lambda device: False)
+    monkeypatch.setattr("lightning_whiten.callbacks.whitening.warns_at_batch", lambda d: False)
+    seed_everything(0)
+    data = make_data(n=96)
+    data.tensors[0][-1, 0, 0, 0] = float("nan")  # in the last of 6 batches
+    model = TinyClassifier()
+    callback = lw.WhiteningCallback("iternorm", layer_options={"group_size": 16}, exclude="aux")
+    with pytest.warns(RuntimeWarning, match=r"epoch 0: .*skipped.* net\.1 \(1\), net\.4 \(1\)"):
+        trainer(tmp_path, [callback]).fit(model, DataLoader(data, batch_size=16))
+    assert lw.diagnostics.nonfinite_batches(model) == {"net.1": 1, "net.4": 1}
 
 
 def test_schedule_types():

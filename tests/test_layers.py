@@ -8,8 +8,10 @@ import pytest
 import reference as ref
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_whiten as lw
+from lightning_whiten import functional as F
 
 torch.manual_seed(0)
 
@@ -438,9 +440,26 @@ def test_non_finite_batch_leaves_every_buffer_unchanged(name):
         layer(bad)
     for key, value in layer.state_dict().items():
         torch.testing.assert_close(value, before[key], msg=key)
+    assert int(layer.nonfinite_batches) == 2 and "nonfinite_batches" not in layer.state_dict()
     # and training continues normally afterwards
     layer(torch.randn(16, 40))
-    assert int(layer.num_batches_tracked) == 2
+    assert int(layer.num_batches_tracked) == 2 and int(layer.nonfinite_batches) == 2
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_non_finite_batch_on_an_accelerator_is_counted_without_reading_it(name, monkeypatch):
+    # Off CPU the layer must not read the flag on the host (a sync per step): it only counts.
+    monkeypatch.setattr("lightning_whiten.layers.base.warns_at_batch", lambda device: False)
+    model = nn.Sequential(
+        make(name, dtype=torch.float32), nn.ReLU(), make(name, dtype=torch.float32)
+    )
+    bad = torch.randn(16, 40)
+    bad[0, 0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(16, 40))
+        model(bad)
+    assert lw.diagnostics.nonfinite_batches(model) == {"0": 1, "2": 1}
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -539,3 +558,39 @@ def test_rank_deficient_batches_still_produce_finite_output():
         for cls in (lw.IterNorm, lw.DBN, lw.SWBN):
             y = cls(32, group_size=32)(torch.randn(4, 32))
             assert torch.isfinite(y).all()
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that would make the host wait for (or copy to) an accelerator."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        # item()/bool() on a tensor; torch.tensor(python value) (a host-to-device copy on GPU);
+        # an explicit device transfer
+        moves = "_to_copy" in name and kwargs.get("device", args[0].device) != args[0].device
+        if "_local_scalar_dense" in name or "lift_fresh" in name or moves:
+            self.found.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("chunk_bytes", [None, 2048])
+def test_training_step_never_waits_for_the_device(name, chunk_bytes, monkeypatch):
+    # What makes a CUDA step sync-free (and CUDA-graph capturable), checked on CPU: no tensor
+    # value is read on the host and nothing is copied from the host during forward + backward.
+    monkeypatch.setattr("lightning_whiten.layers.base.warns_at_batch", lambda device: False)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(F, "_CHUNK_BYTES", chunk_bytes)
+    layer = make(name, dtype=torch.float32, momentum=None if name == "iternorm" else 0.1)
+    layer(torch.randn(8, 40, 4, 4))
+    x = torch.randn(8, 40, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    with _HostReads() as mode:
+        layer(x).square().sum().backward()
+        layer.eval()
+        layer(x)
+    assert mode.found == []

@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..checkpoint import CHECKPOINT_KEY
+from ..diagnostics import nonfinite_batches
 from ..layers import SWBN, WhiteningNorm
+from ..layers.base import warns_at_batch
 from ..schedules import LayerScheduler, Schedule
 from ..surgery import ConversionReport, convert
 from ..surgery.registry import LAYERS
@@ -103,6 +105,7 @@ class WhiteningCallback(Callback):
         self.report: ConversionReport | None = None
         self._converted: Any = None  # the module converted (setup runs once per trainer.fn)
         self._restored_values: dict[str, float] = {}
+        self._nonfinite_seen: dict[str, int] = {}
 
     # -- conversion --------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -183,6 +186,29 @@ class WhiteningCallback(Callback):
             metrics = {f"whiten/{key}": float(value) for key, value in changed.items()}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- non-finite batches -------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._nonfinite_seen = nonfinite_batches(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # One host synchronization per epoch. Layers on CPU have already warned at the batch.
+        seen = self._nonfinite_seen
+        counts = nonfinite_batches(pl_module)
+        skipped = {
+            name: count - seen.get(name, 0)
+            for name, count in counts.items()
+            if count > seen.get(name, 0)
+            and pl_module.get_submodule(name).check_finite
+            and not warns_at_batch(pl_module.get_submodule(name).nonfinite_batches.device)
+        }
+        if skipped:
+            listed = ", ".join(f"{name} ({n})" for name, n in skipped.items())
+            rank_zero_warn(
+                f"WhiteningCallback: epoch {trainer.current_epoch}: training batches with "
+                f"non-finite statistics were skipped by the running statistics of {listed}",
+                category=RuntimeWarning,
+            )
 
     # -- checkpoints -------------------------------------------------------------------------
     @property

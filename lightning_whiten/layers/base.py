@@ -20,6 +20,15 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def warns_at_batch(device: torch.device) -> bool:
+    """Whether a layer on ``device`` reads its non-finite flag on the host at every batch.
+
+    Free on CPU; on an accelerator it would stall every step, so there the device-side count
+    ``nonfinite_batches`` is read once per epoch (by ``WhiteningCallback``) instead.
+    """
+    return device.type == "cpu"
+
+
 class WhiteningNorm(nn.Module):
     """Base class of group-wise batch whitening layers (:class:`IterNorm`, :class:`DBN`, :class:`SWBN`).
 
@@ -39,9 +48,12 @@ class WhiteningNorm(nn.Module):
 
     Non-finite batches: if a training batch gives a non-finite mean or covariance, every running
     buffer (and SWBN's whitening matrix) is left unchanged -- without a host synchronization --
-    and, when ``check_finite=True`` (the default) and not under ``torch.compile``, a
-    ``RuntimeWarning`` names the layer. The output is then non-finite too, so the loss shows it
-    (and AMP's gradient scaler skips the step as usual).
+    and the ``nonfinite_batches`` buffer counts the skipped batch. With ``check_finite=True``
+    (the default) a ``RuntimeWarning`` names the layer: at once on CPU (outside
+    ``torch.compile``), and at the end of the training epoch from :class:`WhiteningCallback` on
+    accelerators, where reading the flag every step would synchronize the host with the device.
+    The output is non-finite too, so the loss shows it (and AMP's gradient scaler skips the step
+    as usual).
     """
 
     #: Default channels per group.
@@ -112,6 +124,11 @@ class WhiteningNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("num_batches_tracked", None)
         self.register_buffer("group_mask", F.valid_mask(layout, device), persistent=False)
+        #: Training batches skipped for non-finite statistics, counted on the layer's device
+        #: (so that counting never synchronizes with the host); not saved in the state_dict.
+        self.register_buffer(
+            "nonfinite_batches", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
 
     # ----------------------------------------------------------------------------------------
     # Hooks for subclasses
@@ -251,13 +268,20 @@ class WhiteningNorm(nn.Module):
             )
             factor = 1.0 / steps.clamp_min(1).to(moments.mean.dtype)
         else:
-            factor = torch.tensor(
-                float(self.momentum), dtype=moments.mean.dtype, device=moments.mean.device
+            # A fill kernel rather than torch.tensor(): no host-to-device copy (and no sync).
+            factor = torch.full(
+                (), float(self.momentum), dtype=moments.mean.dtype, device=moments.mean.device
             )
         if self.track_running_stats:
             _lerp_(self.running_mean, moments.mean, factor, finite)
         self._update_state(moments, matrix.detach(), factor, finite)
-        if self.check_finite and not _is_compiling() and not bool(finite):
+        self.nonfinite_batches.add_((~finite).to(self.nonfinite_batches.dtype))
+        if (
+            self.check_finite
+            and warns_at_batch(finite.device)
+            and not _is_compiling()
+            and not bool(finite)
+        ):
             warnings.warn(
                 f"{self.describe()}: non-finite values in the training batch (mean or covariance "
                 "is NaN/inf); running statistics were left unchanged for this batch",

@@ -47,7 +47,8 @@ class IterNorm(RunningWhiteningNorm):
         sync: ``"batch"`` reduces statistics across processes under ``torch.distributed``
             (no-op in a single process); ``"none"`` keeps them per process.
         check_finite: warn when a training batch is non-finite (its statistics are dropped
-            either way).
+            and counted in ``nonfinite_batches`` either way); at once on CPU, once per epoch
+            through :class:`~lightning_whiten.WhiteningCallback` on accelerators.
 
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; output the same
