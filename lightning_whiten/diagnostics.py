@@ -33,7 +33,7 @@ def batch_transform(layer: nn.Module, x: Tensor, training: bool = True) -> Tenso
     GroupNorm and LayerNorm (per-sample statistics) are accepted for comparison.
     """
     if isinstance(layer, WhiteningNorm):
-        if training:
+        if training or not layer.track_running_stats:  # no running buffers: eval uses the batch
             return layer.whiten_batch(x)
         matrix, offset = layer._inference_map()
         return F.grouped_affine(x.to(matrix.dtype), matrix, offset).to(x.dtype)

@@ -67,6 +67,11 @@ def test_snd_is_zero_for_transforms_that_ignore_the_batch():
     assert float(snd(layer, inputs, batch_size=8, training=False)) == pytest.approx(0, abs=1e-6)
     assert float(snd(nn.GroupNorm(2, 8), inputs, batch_size=8)) == pytest.approx(0, abs=1e-6)
     assert float(snd(layer, inputs, batch_size=8)) > 0.1
+    # without running buffers a layer's eval uses the batch, so SND is that of training
+    untracked = lw.IterNorm(8, group_size=4, track_running_stats=False)
+    assert float(snd(untracked, inputs, batch_size=8, training=False)) == pytest.approx(
+        float(snd(untracked, inputs, batch_size=8))
+    )
 
 
 def test_snd_changes_nothing_and_is_reproducible():

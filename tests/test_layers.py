@@ -391,6 +391,20 @@ def test_swbn_online_update_follows_the_paper(criterion):
         inv = torch.diag((cov.diagonal() + 1e-5).rsqrt())
         expected = ref.swbn_step(w_before[g], inv @ cov @ inv, 0.05, criterion)
         torch.testing.assert_close(layer.whitening[g], expected)
+    # a smaller last group (14 = 6 + 6 + 2 channels) steps as that group would on its own
+    padded = lw.SWBN(
+        14, group_size=6, whitening_rate=0.05, criterion=criterion, eps=1e-2, dtype=torch.float64
+    )
+    x14 = ref.correlated((256, 14))
+    for _ in range(3):
+        padded(x14)
+    w = torch.eye(2, dtype=torch.float64)
+    for _ in range(3):
+        cov = ref.batch_covariances(x14, 6)[-1]
+        inv = torch.diag((cov.diagonal() + 1e-2).rsqrt())
+        w = ref.swbn_step(w, inv @ cov @ inv, 0.05, criterion)
+    torch.testing.assert_close(padded.whitening[-1, :2, :2], w)
+    torch.testing.assert_close(padded.whitening[-1, 2:, 2:], torch.eye(4, dtype=torch.float64))
     # many steps on batches of one distribution drive W towards whitening it
     data = ref.correlated((8192, 12))
     start = max(
@@ -594,3 +608,20 @@ def test_training_step_never_waits_for_the_device(name, chunk_bytes, monkeypatch
         layer.eval()
         layer(x)
     assert mode.found == []
+
+
+def test_diverged_newton_iteration_does_not_poison_the_running_matrix():
+    # Plain Newton at a large T diverges in float32 on an ill-conditioned (finite) covariance.
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    mixing = q @ torch.diag(torch.logspace(0, 1, 16))
+    x = torch.randn(512, 16, generator=gen) @ mixing.T
+    layer = lw.IterNorm(16, group_size=16, iterations=5)
+    layer(x)
+    before = layer.running_whitening.clone()
+    layer.iterations = 40
+    with pytest.warns(RuntimeWarning, match=r"IterNorm.*whitening matrix"):
+        y = layer(x)
+    assert not torch.isfinite(y).all()  # the batch itself shows the divergence ...
+    torch.testing.assert_close(layer.running_whitening, before)  # ... the running state does not
+    assert int(layer.nonfinite_batches) == 1

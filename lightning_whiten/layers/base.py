@@ -46,9 +46,10 @@ class WhiteningNorm(nn.Module):
     whatever the autocast or module dtype; the output has the input's dtype and memory format.
     Running buffers are kept in at least float32 even when the module is cast to half precision.
 
-    Non-finite batches: if a training batch gives a non-finite mean or covariance, every running
-    buffer (and SWBN's whitening matrix) is left unchanged -- without a host synchronization --
-    and the ``nonfinite_batches`` buffer counts the skipped batch. With ``check_finite=True``
+    Non-finite batches: if a training batch gives a non-finite mean, covariance or whitening
+    matrix (a diverged Newton iteration), every running buffer (and SWBN's whitening matrix) is
+    left unchanged -- without a host synchronization -- and the ``nonfinite_batches`` buffer
+    counts the skipped batch. With ``check_finite=True``
     (the default) a ``RuntimeWarning`` names the layer: at once on CPU (outside
     ``torch.compile``), and at the end of the training epoch from :class:`WhiteningCallback` on
     accelerators, where reading the flag every step would synchronize the host with the device.
@@ -256,7 +257,13 @@ class WhiteningNorm(nn.Module):
 
     @torch.no_grad()
     def _update(self, moments: F.WhitenResult, matrix: Tensor) -> None:
-        finite = torch.isfinite(moments.cov).all() & torch.isfinite(moments.mean).all()
+        # The matrix too: Newton's iteration can diverge (large T in float32) on a finite
+        # covariance, and one NaN matrix would poison the running average for good.
+        finite = (
+            torch.isfinite(moments.cov).all()
+            & torch.isfinite(moments.mean).all()
+            & torch.isfinite(matrix).all()
+        )
         if self.track_running_stats:
             self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
         if self.momentum is None:
@@ -283,8 +290,9 @@ class WhiteningNorm(nn.Module):
             and not bool(finite)
         ):
             warnings.warn(
-                f"{self.describe()}: non-finite values in the training batch (mean or covariance "
-                "is NaN/inf); running statistics were left unchanged for this batch",
+                f"{self.describe()}: non-finite values in the training batch (mean, covariance "
+                "or whitening matrix is NaN/inf); running statistics were left unchanged for "
+                "this batch",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -116,7 +116,10 @@ class SWBN(WhiteningNorm):
         cov = moments.cov
         var = cov.diagonal(dim1=-2, dim2=-1)
         inv_std = (var + self.eps).rsqrt()
-        cov_std = cov * inv_std.unsqueeze(-1) * inv_std.unsqueeze(-2)
+        # Padding back to exactly I: (1 + eps)^-1 there would enter the "fro" step size.
+        cov_std = F.canonicalize(
+            cov * inv_std.unsqueeze(-1) * inv_std.unsqueeze(-2), self.group_mask
+        )
         new_w = F.swbn_update(
             self.whitening.to(cov.dtype),
             cov_std,
