@@ -9,9 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import WhiteningNorm
 from .surgery import convert
 
-__all__ = ["CHECKPOINT_KEY", "conversion_spec", "load_converted"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "apply_layer_attributes",
+    "conversion_spec",
+    "layer_attributes",
+    "load_converted",
+]
 
 #: Key under which ``WhiteningCallback`` stores the conversion spec in a Lightning checkpoint.
 CHECKPOINT_KEY = "lightning_whiten"
@@ -26,6 +33,33 @@ def conversion_spec(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "WhiteningCallback (load it with load_state_dict into the original model instead)"
         )
     return entry["spec"]
+
+
+def layer_attributes(model: nn.Module, scheduler: Any = None) -> dict[str, dict[str, Any]]:
+    """``{module name: {attribute: value}}``: the schedulable attributes of every whitening
+    layer (``iterations``, ``eps``, ``whitening_rate``, ...) and every attribute ``scheduler``
+    (a :class:`~lightning_whiten.schedules.LayerScheduler`) drives on other modules."""
+    attributes: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, WhiteningNorm):
+            attributes[name] = {a: getattr(module, a) for a in module.schedulable}
+    if scheduler is not None:
+        for name, values in scheduler.scheduled_attributes().items():
+            attributes.setdefault(name, {}).update(values)
+    return attributes
+
+
+def apply_layer_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]]) -> None:
+    """Set the attributes recorded by :func:`layer_attributes` on a rebuilt model."""
+    for name, values in attributes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"the checkpoint records attributes of {name!r}, which the rebuilt model lacks"
+            ) from None
+        for attribute, value in values.items():
+            setattr(module, attribute, value)
 
 
 def convert_from_spec(model: nn.Module, spec: dict[str, Any]):
@@ -48,7 +82,8 @@ def load_converted(
     """Rebuild the whitened architecture stored in a checkpoint and load its weights strictly.
 
     Works without the callback and without a Trainer: the checkpoint records how the model was
-    converted, so the same conversion is redone on a freshly built model before loading.
+    converted, so the same conversion is redone on a freshly built model before loading, and
+    the layer attributes schedules had reached (``iterations``, ``eps``, ...) are set back.
 
     Args:
         module: a LightningModule (or ``nn.Module``) class, instantiated from the checkpoint's
@@ -74,5 +109,6 @@ def load_converted(
     if callable(configure):
         configure()
     convert_from_spec(module, spec)
+    apply_layer_attributes(module, checkpoint[CHECKPOINT_KEY].get("attributes", {}))
     module.load_state_dict(checkpoint.get("state_dict", checkpoint), strict=strict)
     return module.eval()

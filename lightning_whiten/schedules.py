@@ -326,7 +326,14 @@ class LayerScheduler:
 
             scoped = [(n, m) for n, m in named if n and in_scope(n)]
             if pattern is not None and not scoped:
-                raise ValueError(f"schedule {key!r}: pattern {pattern!r} matches no module")
+                names = [n for n, _ in named if n]
+                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+                close += [n for n in names if n.endswith("." + pattern)][:3]
+                hint = f"; close names: {', '.join(dict.fromkeys(close))}" if close else ""
+                raise ValueError(
+                    f"schedule {key!r}: pattern {pattern!r} matches no module (patterns are "
+                    f"qualified names inside the model){hint}"
+                )
             targets = [(n, m) for n, m in scoped if _schedulable(m, attribute)]
             if not targets:
                 where = f" matching {pattern!r}" if pattern else ""
@@ -358,6 +365,15 @@ class LayerScheduler:
                         ) from None
             self._targets[key] = targets
         return self
+
+    def scheduled_attributes(self) -> dict[str, dict[str, Any]]:
+        """``{module name: {attribute: current value}}`` of every attribute a schedule drives."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, targets in self._targets.items():
+            attribute, _ = self.split(key)
+            for name, module in targets:
+                out.setdefault(name, {})[attribute] = getattr(module, attribute)
+        return out
 
     def values(self, times: dict[str, float]) -> dict[str, float]:
         """The value of every schedule at ``times`` (``{"step": ..., "epoch": ..., "fraction": ...}``)."""

@@ -47,6 +47,13 @@ def test_backbone_names_and_local_weights(tmp_path):
         create_backbone("cifar/resnet9000", 10)
     with pytest.raises(ValueError, match="no downloadable weights"):
         create_backbone("cifar/resnetv2_20", 10, pretrained=True)
+    for library in ("timm", "torchvision", "cifar"):
+        with pytest.raises(
+            FileNotFoundError, match=r"checkpoint_path '.*missing.pth' is not a file"
+        ):
+            create_backbone(
+                f"{library}/resnet18", 10, checkpoint_path=str(tmp_path / "missing.pth")
+            )
     # torchvision weights from a local file; the 1000-class head is re-initialized for 10 classes
     source = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"

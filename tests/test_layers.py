@@ -361,6 +361,26 @@ def test_from_batchnorm_preserves_eval_output(name, bn_cls, shape):
     assert not isinstance(layer, nn.modules.batchnorm._BatchNorm)
 
 
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_from_batchnorm_with_another_eps_is_still_the_same_function(name):
+    bn = nn.BatchNorm2d(16, eps=1e-5).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(2e-3, 1e-2)  # small variances: eps matters
+        bn.running_mean.normal_()
+    x = torch.randn(4, 16, 3, 3) * 0.05
+    layer = LAYERS[name][0].from_batchnorm(bn, group_size=8, eps=1e-3)
+    assert layer.eps == 1e-3
+    torch.testing.assert_close(layer(x), bn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_swbn_from_batchnorm_warns_when_eps_exceeds_a_variance():
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(1e-4)
+    with pytest.warns(UserWarning, match="eps=0.01 exceeds running_var"):
+        lw.SWBN.from_batchnorm(bn, group_size=4, eps=1e-2)
+
+
 def test_swbn_from_batchnorm_equals_batchnorm_in_training_too():
     bn = nn.BatchNorm2d(24)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -228,10 +229,155 @@ def test_grouped_convolution_caps_the_group_size_with_a_note():
     model = nn.Sequential(nn.Conv2d(32, 32, 3, groups=4), nn.BatchNorm2d(32))
     report = lw.convert(model, "iternorm", group_size=16)
     assert model[1].group_size == 8
-    assert "to stay inside the 8-channel groups" in report.replaced[0].notes[0]
+    assert "to stay inside the channel groups (8 channels)" in report.replaced[0].notes[0]
     model = nn.Sequential(nn.Conv2d(32, 32, 3, groups=4), nn.BatchNorm2d(32))
     lw.convert(model, "iternorm", group_size=16, respect_conv_groups=False)
     assert model[1].group_size == 16
+
+
+class _PreActNeighbour(nn.Module):
+    """DPN-style: the grouped conv lives in one block, the norm reading it in the next."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, groups=8))
+        self.b = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 10, 1))
+
+    def forward(self, x):
+        return self.b(self.a(x)).mean((2, 3))
+
+
+class _MixedConv(nn.Module):
+    """timm MixedConv2d-style: channel splits through separate convs, concatenated."""
+
+    def __init__(self, depthwise: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 1)
+        if depthwise:
+            self.mixed = nn.ModuleList(
+                [nn.Conv2d(12, 12, 3, groups=12), nn.Conv2d(12, 12, 5, 1, 1, groups=12)]
+            )
+        else:
+            self.mixed = nn.ModuleList([nn.Conv2d(12, 8, 1), nn.Conv2d(12, 16, 1)])
+        width = sum(c.out_channels for c in self.mixed)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        parts = torch.split(self.stem(x), 12, 1)
+        x = torch.cat([conv(p) for conv, p in zip(self.mixed, parts, strict=True)], 1)
+        return self.head(self.bn(x).mean((2, 3)))
+
+
+def _train_a_little(model, x):
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x + torch.randn_like(x))
+    model.eval()
+
+
+def test_group_size_follows_the_traced_producer_not_module_order():
+    model = _PreActNeighbour()
+    report = lw.convert(model, "iternorm", group_size=16)
+    assert model.b[0].group_size == 4  # inside the 4-channel groups of a[2], a neighbour
+    assert "a.2" in report.replaced[0].notes[0]
+    x = torch.randn(4, 3, 12, 12)
+    _train_a_little(model, x)
+    plan = lw.surgery.plan_export(model, x)
+    assert plan.folded == {"b.0": "a.2"}
+
+
+def test_norm_after_concatenated_depthwise_convs_is_skipped():
+    model = _MixedConv(depthwise=True)
+    report = lw.convert(model, "iternorm", group_size=8)
+    assert report.num_replaced == 0
+    assert "depthwise" in report.skipped[0].reason
+
+
+def test_export_folds_into_concatenated_convolutions():
+    torch.manual_seed(0)
+    model = _MixedConv(depthwise=False)
+    fresh = copy.deepcopy(model)
+    report = lw.convert(model, "dbn", group_size=16)
+    assert model.bn.group_size == 8  # gcd of the 8- and 16-channel outputs
+    assert "8/16 channels" in report.replaced[0].notes[0]
+    x = torch.randn(6, 3, 10, 10)
+    _train_a_little(model, x)
+    with torch.no_grad():
+        whitened = model(x)
+    exported = lw.export(model, example_input=x)
+    assert isinstance(exported.bn, nn.BatchNorm2d)
+    fresh.load_state_dict(exported.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), whitened, rtol=1e-4, atol=1e-5)
+
+
+class _FunctionalUse(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.kind == "inplace":
+            y = nn.functional.relu(y, inplace=True)
+            return self.bn(y).mean((2, 3))
+        if self.kind == "residual":
+            return (self.bn(y) + y).mean((2, 3))
+        return self.bn(y.contiguous()).mean((2, 3))  # a no-op on y: still foldable
+
+
+@pytest.mark.parametrize("kind", ["inplace", "residual", "noop"])
+def test_export_does_not_fold_into_a_conv_whose_output_plain_code_uses(kind):
+    torch.manual_seed(0)
+    model = _FunctionalUse(kind)
+    lw.convert(model, "iternorm", group_size=8)
+    x = torch.randn(4, 3, 8, 8)
+    _train_a_little(model, x)
+    with torch.no_grad():
+        whitened = model(x)
+    plan = lw.surgery.plan_export(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        exported = lw.export(model, example_input=x, check=False)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), whitened, rtol=1e-4, atol=1e-5)
+    if kind == "noop":
+        assert plan.folded == {"bn": "conv"}
+    else:
+        assert "bn" in plan.unfolded
+        assert "modified in place" in plan.unfolded["bn"] or "used elsewhere" in plan.unfolded["bn"]
+
+
+def test_convert_and_export_leave_the_global_rng_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.BatchNorm2d(8), nn.ReLU())
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    lw.convert(model, "iternorm", group_size=4)
+    lw.export(model.eval())
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_export_folds_a_norm_without_affine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8, affine=False))
+    fresh = copy.deepcopy(model)
+    lw.convert(model, "swbn", group_size=4)
+    x = torch.randn(6, 3, 8, 8)
+    model.train()
+    for _ in range(3):
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        whitened = model(x)
+    exported = lw.export(model, example_input=x)
+    fresh.load_state_dict(exported.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), whitened, rtol=1e-4, atol=1e-5)
 
 
 def test_frozen_batchnorm_only_on_request():
@@ -298,8 +444,25 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"exclude type GroupNorm matches no"):
         lw.convert(model, exclude=nn.GroupNorm)
     assert not any(isinstance(m, WhiteningNorm) for m in model.modules())  # nothing touched
+    with pytest.raises(ValueError, match=r"'fc\*' matches modules \(fc\) but none of them is"):
+        lw.convert(model, exclude="fc*")
+    with pytest.raises(ValueError, match=r"'torch.nn' has no 'BatchNorm2D'.*torch.nn.BatchNorm2d"):
+        lw.convert(model, include="type:torch.nn.BatchNorm2D")
+    with pytest.raises(ValueError, match=r"cannot import 'nopkg'"):
+        lw.convert(model, layer="nopkg.MyNorm")
+    with pytest.raises(ValueError, match=r"'torch.nn.ReLU' is not a whitening layer"):
+        lw.convert(model, layer="torch.nn.ReLU")
+    with pytest.raises(TypeError, match=r"a glob string, a type or a list"):
+        lw.convert(model, include=3)
+    assert not any(isinstance(m, WhiteningNorm) for m in model.modules())  # nothing touched
     with pytest.raises(TypeError, match="DataParallel-wrapped"):
         lw.convert(nn.DataParallel(small_net()))
+    nested = nn.Sequential(nn.DataParallel(small_net()), nn.BatchNorm1d(10))
+    with pytest.raises(TypeError, match=r"DataParallel-wrapped model \(at '0'\)"):
+        lw.convert(nested)
+    # group_size=None means the layer's default, as in the layer's own constructor
+    lw.convert(model, "dbn", group_size=None)
+    assert model.bn1.group_size == lw.DBN.default_group_size
     with pytest.raises(TypeError, match=r"torch\.compile"):
         lw.convert(torch.compile(small_net()))
     with pytest.raises(ValueError, match="from_batchnorm"):

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..checkpoint import CHECKPOINT_KEY
+from ..checkpoint import CHECKPOINT_KEY, layer_attributes
 from ..diagnostics import nonfinite_batches
 from ..layers import SWBN, WhiteningNorm
 from ..layers.base import warns_at_batch
@@ -232,7 +232,13 @@ class WhiteningCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.report is not None:
-            checkpoint[CHECKPOINT_KEY] = {"spec": self.report.spec, "report": self.report.to_dict()}
+            checkpoint[CHECKPOINT_KEY] = {
+                "spec": self.report.spec,
+                "report": self.report.to_dict(),
+                # Values that schedules (or the lr tie) moved away from the spec's options, so
+                # load_converted rebuilds the layers as they were, not as they started.
+                "attributes": layer_attributes(pl_module, self.scheduler),
+            }
 
 
 def _configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

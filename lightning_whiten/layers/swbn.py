@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -140,7 +141,19 @@ class SWBN(WhiteningNorm):
 
     def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
         self.running_mean.copy_(mean)
-        self.running_var.copy_(var)
+        # The eval map divides by sqrt(running_var + self.eps); BN's by sqrt(var + eps). Shift
+        # the variance by the difference so a layer built with another eps is the same function.
+        shifted = var.to(torch.float64) + (eps - self.eps)
+        if bool((shifted < 0).any()):
+            count = int((shifted < 0).sum())
+            warnings.warn(
+                f"{self.describe()}.from_batchnorm: eps={self.eps:g} exceeds running_var + "
+                f"eps of the BatchNorm ({eps:g}) in {count} channel(s); their eval output "
+                "changes (use a smaller eps to keep the converted model the same function)",
+                UserWarning,
+                stacklevel=4,
+            )
+        self.running_var.copy_(shifted.clamp_min(0))
         self.whitening.copy_(
             self._identity_matrices(dtype=self.whitening.dtype, device=self.whitening.device)
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -55,6 +56,11 @@ def create_backbone(
     if not arch:
         raise ValueError(
             f"backbone {name!r}: expected 'timm/<model>', 'torchvision/<model>' or 'cifar/<model>'"
+        )
+    if checkpoint_path is not None and not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(
+            f"backbone {name!r}: checkpoint_path {str(checkpoint_path)!r} is not a file "
+            f"(working directory: {Path.cwd()})"
         )
     try:
         if library == "timm":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from ..layers import WhiteningNorm, norm_act_class
+from .export import default_example_input
 from .registry import check_layer_options, class_path, import_class, resolve_layer
 from .report import ConversionReport, ReplacedModule, SkippedModule
 from .select import (
@@ -25,6 +29,7 @@ from .select import (
     preceding_conv,
     stage_of,
 )
+from .trace import TracedInput, trace_inputs
 
 __all__ = ["NormSource", "convert"]
 
@@ -63,12 +68,15 @@ class NormSource:
 
 def _refuse_wrapped(model: nn.Module) -> None:
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    if isinstance(model, wrappers) or type(model).__name__ == "FullyShardedDataParallel":
-        raise TypeError(
-            f"convert() got a {type(model).__name__}-wrapped model: the wrapper has already "
-            "registered the parameters it synchronizes. Convert the plain module first, then "
-            "wrap it (or use WhiteningCallback, which converts before Lightning wraps the model)."
-        )
+    for name, module in model.named_modules():
+        if isinstance(module, wrappers) or type(module).__name__ == "FullyShardedDataParallel":
+            where = f" (at '{name}')" if name else ""
+            raise TypeError(
+                f"convert() got a {type(module).__name__}-wrapped model{where}: the wrapper has "
+                "already registered the parameters it synchronizes, and the new layers' would "
+                "never be synchronized. Convert the plain module first, then wrap it (or use "
+                "WhiteningCallback, which converts before Lightning wraps the model)."
+            )
     optimized = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
     optimized = getattr(optimized, "OptimizedModule", None)
     if optimized is not None:
@@ -116,30 +124,73 @@ def _skip_reason(
     return None
 
 
-def _conv_group_cap(
-    model: nn.Module, c: Candidate, requested: int, caps: dict[int, tuple[int, str]]
-) -> str | None:
-    """Skip reason, or record a capped group size, for a layer after a grouped convolution."""
-    conv = preceding_conv(model, c)
+def _producer_blocks(
+    model: nn.Module, c: Candidate, traced: dict[int, TracedInput]
+) -> tuple[list[int], str] | None:
+    """Channel blocks that the producer of ``c``'s input keeps separate, and what it is.
+
+    From the trace of the model's forward when available (the real producer: a convolution, or
+    a channel concatenation of convolutions as in timm's ``MixedConv2d``); otherwise the
+    convolution registered just before the layer.
+    """
     channels = num_channels(c.module)
-    if conv is None or conv.groups == 1 or conv.out_channels != channels:
+    t = traced.get(id(c.module))
+    if t is not None and t.calls == 1 and t.blocks is not None and sum(t.blocks) == channels:
+        assert t.segments is not None
+        names = " + ".join(f"{type(s.module).__name__} {s.name}" for s in t.segments)
+        return t.blocks, names
+    conv = preceding_conv(model, c)
+    if conv is None or conv.out_channels != channels or conv.out_channels % conv.groups:
         return None
     width = conv.out_channels // conv.groups
-    if width == 1:
+    return [width] * conv.groups, type(conv).__name__
+
+
+def _conv_group_cap(
+    model: nn.Module,
+    c: Candidate,
+    requested: int,
+    caps: dict[int, tuple[int, str]],
+    traced: dict[int, TracedInput],
+) -> str | None:
+    """Skip reason, or record a capped group size, for a layer after a grouped convolution."""
+    found = _producer_blocks(model, c, traced)
+    if found is None or len(found[0]) == 1:
+        return None
+    blocks, producer = found
+    if min(blocks) == 1:
         return (
-            f"follows a depthwise convolution ({type(conv).__name__}, groups={conv.groups}): "
-            "whitening would mix channels it keeps separate and could not be folded back by "
-            "export (respect_conv_groups=False converts it anyway)"
+            f"follows a depthwise convolution ({producer}): whitening would mix channels it "
+            "keeps separate and could not be folded back by export "
+            "(respect_conv_groups=False converts it anyway)"
         )
-    size = min(requested, channels or requested)
+    channels = num_channels(c.module) or requested
+    size = min(requested, channels)
+    width = math.gcd(*blocks)
     if width % size:
         capped = max(d for d in range(1, min(size, width) + 1) if width % d == 0)
         caps[id(c.module)] = (
             capped,
-            f"group_size {requested} -> {capped} to stay inside the {width}-channel groups of "
-            "the preceding grouped convolution",
+            f"group_size {requested} -> {capped} to stay inside the channel groups "
+            f"({'/'.join(map(str, sorted(set(blocks))))} channels) of the preceding {producer}",
         )
     return None
+
+
+def _trace_candidates(model: nn.Module, candidates: list[Candidate]) -> dict[int, TracedInput]:
+    """Trace the model on a guessed input; an empty result (structural fallback) when the input
+    cannot be guessed, the model lives on the meta device, or its forward rejects the guess."""
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return {}
+    example = default_example_input(model)
+    if example is None:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return trace_inputs(model, example, [c.module for c in candidates])
+    except Exception:  # any failure means: no trace, fall back to module order
+        return {}
 
 
 def _source_of(module: nn.Module, kind: str) -> NormSource:
@@ -211,11 +262,15 @@ def convert(
         stages: only convert layers in these stages (timm ``feature_info`` levels, or
             torchvision ``layer1..N``; stage 0 is the stem).
         frozen: also convert frozen BatchNorm (its affine stays frozen).
-        respect_conv_groups: keep whitening groups inside the groups of a grouped convolution
-            that directly precedes the layer, so that :func:`export` can fold the layer back
-            into it: ``group_size`` is capped to a divisor of the conv's group width (a note
-            says so), and a BatchNorm after a depthwise convolution (one channel per group) is
-            left as it is (reported as skipped). ``False`` whitens across conv groups anyway.
+        respect_conv_groups: keep whitening groups inside the channel groups of the
+            convolution(s) producing the layer's input, so that :func:`export` can fold the
+            layer back into them: ``group_size`` is capped to a divisor of the group width (a
+            note says so), and a BatchNorm after a depthwise convolution (one channel per group)
+            is left as it is (reported as skipped). The producer is found by tracing one eval
+            forward pass on a small random batch (timm ``pretrained_cfg`` or the first conv's
+            channels; the global RNG is not touched); when that input cannot be guessed, the
+            convolution registered just before the layer is used. ``False`` whitens across conv
+            groups anyway.
         **layer_options: passed to the layer (``group_size``, ``iterations``, ...). A
             ``group_size`` larger than a layer's channels is clamped to them, with a note.
 
@@ -264,13 +319,15 @@ def convert(
     report = ConversionReport(layer=cls.__name__, spec=spec)
     selected: list[Candidate] = []
     group_caps: dict[int, tuple[int, str]] = {}
-    requested = int(layer_options.get("group_size", cls.default_group_size))
+    group_size = layer_options.get("group_size")
+    requested = int(cls.default_group_size if group_size is None else group_size)
+    traced = _trace_candidates(model, candidates) if respect_conv_groups else {}
     for c in candidates:
         reason = _skip_reason(
             c, cls, include_patterns, exclude_patterns, min_channels, stages, stage_map, frozen
         )
         if reason is None and respect_conv_groups:
-            reason = _conv_group_cap(model, c, requested, group_caps)
+            reason = _conv_group_cap(model, c, requested, group_caps, traced)
         if reason is None:
             selected.append(c)
         else:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..layers import WhiteningNorm
 from ..layers.norm_act import NormActMixin
+from .trace import Segment, trace_inputs
 
 __all__ = ["ExportPlan", "export", "plan_export"]
 
@@ -34,8 +33,16 @@ class _Site:
     layer: WhiteningNorm
     slots: list[tuple[nn.Module, str]]
     input_dim: int | None = None
-    producer: str | None = None
+    segments: list[Segment] | None = None  # the convolution(s)/linear producing its input
     reason: str | None = None  # why it is not folded
+
+    @property
+    def folds(self) -> bool:
+        return self.segments is not None and self.reason is None
+
+    @property
+    def producer(self) -> str | None:
+        return None if self.segments is None else " + ".join(s.name for s in self.segments)
 
 
 @dataclass
@@ -68,88 +75,34 @@ def _sites(model: nn.Module) -> list[_Site]:
 
 def default_example_input(model: nn.Module) -> Tensor | None:
     """A small random batch for image models: from timm's ``pretrained_cfg`` or the first
-    convolution's input channels; ``None`` when the input cannot be guessed."""
+    convolution's input channels; ``None`` when the input cannot be guessed.
+
+    Drawn from a private generator: guessing an input never advances the global RNG, so
+    seeded runs do not depend on whether ``convert``/``export`` traced the model.
+    """
     param = next(model.parameters(), None)
-    factory: dict[str, Any] = {
-        "device": param.device if param is not None else None,
-        "dtype": param.dtype if param is not None and param.dtype.is_floating_point else None,
-    }
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else None
+    shape: tuple[int, ...] | None = None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
-        return torch.randn(2, cfg["input_size"][0], 64, 64, **factory)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return torch.randn(2, module.in_channels, 64, 64, **factory)
-        if isinstance(module, nn.Conv1d):
-            return torch.randn(2, module.in_channels, 64, **factory)
-        if isinstance(module, nn.Conv3d):
-            return torch.randn(2, module.in_channels, 8, 32, 32, **factory)
-        if isinstance(module, nn.Linear):
-            return torch.randn(2, module.in_features, **factory)
-    return None
-
-
-def _trace(
-    model: nn.Module, example: Tensor, sites: list[_Site]
-) -> dict[int, tuple[str, nn.Module]]:
-    """Run ``model`` once and find, for each whitening layer, the module whose output it takes."""
-    producers: dict[int, tuple[str, nn.Module]] = {}  # id(output tensor) -> producer
-    consumers: Counter[int] = Counter()  # id(tensor) -> number of leaf modules reading it
-    calls: Counter[int] = Counter()
-    keep: list[Tensor] = []  # keep traced tensors alive so their ids stay unique
-    site_inputs: dict[int, tuple[int, int]] = {}
-    handles = []
-    whitening = {id(s.layer) for s in sites}
-
-    def on_output(name):
-        def hook(module, args, output):
-            if isinstance(output, Tensor):
-                keep.append(output)
-                producers[id(output)] = (name, module)
-
-        return hook
-
-    def on_input(module, args):
-        calls[id(module)] += 1
-        for a in args:
-            if isinstance(a, Tensor):
-                keep.append(a)
-                consumers[id(a)] += 1
-                if id(module) in whitening:
-                    site_inputs[id(module)] = (id(a), a.dim())
-
-    inside_whitening = {id(m) for s in sites for m in s.layer.modules() if m is not s.layer}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            handles.append(module.register_forward_hook(on_output(name)))
-        is_leaf = next(module.children(), None) is None
-        if (is_leaf and id(module) not in inside_whitening) or id(module) in whitening:
-            handles.append(module.register_forward_pre_hook(on_input))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-
-    found: dict[int, tuple[str, nn.Module]] = {}
-    for s in sites:
-        if id(s.layer) not in site_inputs:
-            s.reason = "not called on the example input"
-            continue
-        tensor_id, dim = site_inputs[id(s.layer)]
-        s.input_dim = dim
-        if calls[id(s.layer)] > 1:
-            s.reason = "the layer is called more than once"
-        elif tensor_id not in producers:
-            s.reason = "its input is not the output of a convolution or linear layer"
-        elif consumers[tensor_id] > 1:
-            s.reason = f"the output of {producers[tensor_id][0]} is also used elsewhere"
-        elif calls[id(producers[tensor_id][1])] > 1:
-            s.reason = f"{producers[tensor_id][0]} is called more than once"
-        else:
-            found[id(s.layer)] = producers[tensor_id]
-    return found
+        shape = (2, cfg["input_size"][0], 64, 64)
+    else:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                shape = (2, module.in_channels, 64, 64)
+            elif isinstance(module, nn.Conv1d):
+                shape = (2, module.in_channels, 64)
+            elif isinstance(module, nn.Conv3d):
+                shape = (2, module.in_channels, 8, 32, 32)
+            elif isinstance(module, nn.Linear):
+                shape = (2, module.in_features)
+            if shape is not None:
+                break
+    if shape is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
 def _affine_map(layer: WhiteningNorm) -> tuple[Tensor, Tensor]:
@@ -172,29 +125,45 @@ def _affine_map(layer: WhiteningNorm) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def _fold_reason(site: _Site, producer: nn.Module) -> str | None:
-    if type(producer).forward not in _LINEAR_FORWARDS and type(producer).__name__ != "Conv2dSame":
-        return f"{type(producer).__name__} is not a plain convolution/linear layer"
+def _fold_reason(site: _Site) -> str | None:
     layer = site.layer
-    out_channels = (
-        producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-    )
-    if out_channels != layer.num_features:
+    assert site.segments is not None
+    for seg in site.segments:
+        producer = seg.module
+        if (
+            type(producer).forward not in _LINEAR_FORWARDS
+            and type(producer).__name__ != "Conv2dSame"
+        ):
+            return f"{type(producer).__name__} is not a plain convolution/linear layer"
+    if sum(seg.size for seg in site.segments) != layer.num_features:
         return "channel count differs from its producer's"
-    groups = getattr(producer, "groups", 1)
-    if groups > 1:
-        width = out_channels // groups
-        start = 0
-        for size in layer.group_sizes:
-            if start // width != (start + size - 1) // width:
+    # Every whitening group must lie inside one block of channels that a single producer
+    # computes together (one convolution group), or the map cannot be folded into it.
+    bounds, start = [], 0
+    for seg in site.segments:
+        for width in seg.blocks:
+            bounds.append((start, start + width, seg))
+            start += width
+    start = 0
+    for size in layer.group_sizes:
+        inside = [b for b in bounds if b[0] <= start and start + size <= b[1]]
+        if not inside:
+            owner = next(b for b in bounds if b[0] <= start < b[1])[2]
+            groups = int(getattr(owner.module, "groups", 1))
+            if groups > 1:
                 return (
                     f"whitening groups of {layer.group_size} channels span the groups of a grouped "
-                    f"convolution ({width} channels each): the conv keeps them separate"
+                    f"convolution ({owner.size // groups} channels each): the conv keeps them "
+                    "separate"
                 )
-            start += size
+            return (
+                f"whitening groups of {layer.group_size} channels span the outputs of the "
+                "concatenated convolutions"
+            )
+        start += size
     source = layer.converted_from
-    has_norm_bias = source is not None and source.affine
-    if not has_norm_bias and source is not None and producer.bias is None:
+    holds_bias = source is None or source.affine or source.track_running_stats
+    if not holds_bias and any(seg.module.bias is None for seg in site.segments):
         return "neither the restored normalization nor the producer has a bias to hold b"
     return None
 
@@ -220,10 +189,13 @@ def _restored_norm(
         if getattr(module, "running_mean", None) is not None:
             module.running_mean.zero_()
             module.running_var.fill_(1.0 - eps)
+        leftover = None
         if getattr(module, "weight", None) is not None:
             module.weight.fill_(1.0)
             module.bias.copy_(bias.to(module.bias.dtype))
-            leftover = None
+        elif getattr(module, "running_mean", None) is not None:
+            # affine=False: (x - (-bias)) / 1 == x + bias
+            module.running_mean.copy_(-bias.to(module.running_mean.dtype))
         else:
             leftover = bias
         tracked = getattr(module, "num_batches_tracked", None)
@@ -279,45 +251,39 @@ def plan_export(model: nn.Module, example_input: Tensor | None = None) -> Export
     return _plan_of(sites)
 
 
-def _plan(
-    model: nn.Module, sites: list[_Site], example_input: Tensor | None, fold: bool
-) -> dict[int, tuple[str, nn.Module]]:
+def _plan(model: nn.Module, sites: list[_Site], example_input: Tensor | None, fold: bool) -> None:
     if not sites:
-        return {}
+        return
     if not fold:
         for s in sites:
             s.reason = "fold=False"
         if example_input is not None:
-            _trace_in_eval(model, example_input, sites)
-        return {}
+            traced = trace_inputs(model, example_input, [s.layer for s in sites])
+            for s in sites:
+                if id(s.layer) in traced:
+                    s.input_dim = traced[id(s.layer)].dim
+        return
     if example_input is None:
         raise ValueError(
             "export(fold=True) traces which layer feeds each whitening layer and could not "
             "guess an input for this model: pass example_input= (a small batch)"
         )
-    producers = _trace_in_eval(model, example_input, sites)
+    traced = trace_inputs(model, example_input, [s.layer for s in sites])
     for s in sites:
-        if id(s.layer) in producers:
-            name, module = producers[id(s.layer)]
-            s.producer = name
-            s.reason = _fold_reason(s, module)
-    return producers
-
-
-def _trace_in_eval(model, example, sites):
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        return _trace(model, example, sites)
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
+        t = traced.get(id(s.layer))
+        if t is None:
+            s.reason = "not called on the example input"
+            continue
+        s.input_dim = t.dim
+        s.segments = t.segments
+        s.reason = t.problem or (_fold_reason(s) if t.segments is not None else None)
 
 
 def _plan_of(sites: list[_Site]) -> ExportPlan:
     plan = ExportPlan()
     for s in sites:
-        if s.producer is not None and s.reason is None:
+        if s.folds:
+            assert s.producer is not None
             plan.folded[s.name] = s.producer
         else:
             plan.unfolded[s.name] = s.reason or "no producer found"
@@ -360,27 +326,36 @@ def export(
     original = None
     if check and example_input is not None:
         original = copy.deepcopy(target) if inplace else model
-    producers = _plan(target, sites, example_input, fold)
+    _plan(target, sites, example_input, fold)
 
     for s in sites:
         a, b = _affine_map(s.layer)
         ref = s.layer.weight if s.layer.weight is not None else s.layer.running_mean
-        if s.producer is not None and s.reason is None:
-            _, conv = producers[id(s.layer)]
+        if s.folds:
+            assert s.segments is not None
+            total_bias = b.clone()
             with torch.no_grad():
-                w = conv.weight
-                folded = (a @ w.detach().double().reshape(w.shape[0], -1)).reshape(w.shape)
-                total_bias = b if conv.bias is None else b + a @ conv.bias.detach().double()
-                w.copy_(folded.to(w.dtype))
+                # A is block-diagonal with no block spanning two producers (checked by the
+                # plan), so each producer absorbs its own diagonal block of A.
+                for seg in s.segments:
+                    conv, part = seg.module, slice(seg.start, seg.start + seg.size)
+                    a_seg = a[part, part]
+                    w = conv.weight
+                    folded = (a_seg @ w.detach().double().reshape(w.shape[0], -1)).reshape(w.shape)
+                    w.copy_(folded.to(w.dtype))
+                    if conv.bias is not None:
+                        total_bias[part] += a_seg @ conv.bias.detach().double()
             replacement, leftover = _restored_norm(s.layer, total_bias, ref.device, ref.dtype)
             with torch.no_grad():
-                if leftover is None:
-                    if conv.bias is not None:
-                        conv.bias.zero_()
-                elif conv.bias is not None:
-                    conv.bias.copy_(leftover.to(conv.bias.dtype))
-                else:  # a layer built directly (not by convert): give the conv a bias
-                    conv.bias = nn.Parameter(leftover.to(w.dtype))
+                for seg in s.segments:
+                    conv, part = seg.module, slice(seg.start, seg.start + seg.size)
+                    if leftover is None:
+                        if conv.bias is not None:
+                            conv.bias.zero_()
+                    elif conv.bias is not None:
+                        conv.bias.copy_(leftover[part].to(conv.bias.dtype))
+                    else:  # a layer built directly (not by convert): give the conv a bias
+                        conv.bias = nn.Parameter(leftover[part].to(conv.weight.dtype))
         else:
             replacement = _one_by_one(s.layer, a, b, s.input_dim)
             replacement.train(s.layer.training)
@@ -389,9 +364,7 @@ def export(
 
     if original is not None:
         _check_export(original, target, example_input, fold)
-    unfolded = {
-        s.name: s.reason for s in sites if not (s.producer is not None and s.reason is None)
-    }
+    unfolded = {s.name: s.reason or "no producer found" for s in sites if not s.folds}
     if fold and unfolded:
         listing = "; ".join(f"{n} ({r})" for n, r in list(unfolded.items())[:8])
         more = f" and {len(unfolded) - 8} more" if len(unfolded) > 8 else ""
@@ -413,6 +386,14 @@ def _check_export(original: nn.Module, exported: nn.Module, example: Tensor, fol
     difference is conditioning (warned about), otherwise the export is wrong (raised).
     """
     reference = _eval_output(original, example)
+    if not bool(torch.isfinite(reference).all()):
+        warnings.warn(
+            "export: the whitened model's own eval output on the example input is not finite "
+            "(inf/nan: check its running statistics), so the export could not be checked",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
     scale = float(reference.abs().max().clamp_min(1.0))
     err = float((_eval_output(exported, example) - reference).abs().max())
     if err <= 1e-4 * scale:

@@ -29,6 +29,7 @@ def resolve_layer(layer: str | type[WhiteningNorm]) -> type[WhiteningNorm]:
             cls = import_class(layer)
             if isinstance(cls, type) and issubclass(cls, WhiteningNorm):
                 return cls
+            raise ValueError(f"{layer!r} is not a whitening layer (a WhiteningNorm subclass)")
         close = difflib.get_close_matches(key, list(LAYERS), n=2, cutoff=0.4)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown whitening layer {layer!r}: choose one of {sorted(LAYERS)}{hint}")
@@ -72,13 +73,25 @@ def class_path(cls: type) -> str:
 
 
 def import_class(path: str) -> Any:
+    """The object a dotted path names (``"torch.nn.BatchNorm2d"``), or a ``ValueError`` that
+    says which part of the path was not found."""
     module_name, _, attr = path.rpartition(".")
     if not module_name:
-        raise ValueError(f"not a class path: {path!r}")
+        raise ValueError(f"not a class path: {path!r} (expected 'package.module.Class')")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError:
         # nested qualname (Outer.Inner): import the longest importable prefix
         parent, _, outer = module_name.rpartition(".")
-        obj = getattr(importlib.import_module(parent), outer)
+        try:
+            obj = getattr(importlib.import_module(parent), outer) if parent else None
+        except (ImportError, AttributeError):
+            obj = None
+        if obj is None:
+            raise ValueError(f"cannot import {module_name!r} for the class path {path!r}") from None
+    if not hasattr(obj, attr):
+        public = [n for n in dir(obj) if not n.startswith("_")]
+        close = difflib.get_close_matches(attr, public, n=1)
+        hint = f"; did you mean {module_name}.{close[0]}?" if close else ""
+        raise ValueError(f"{module_name!r} has no {attr!r} (class path {path!r}){hint}")
     return getattr(obj, attr)

@@ -124,6 +124,10 @@ def normalize_patterns(patterns: Pattern | Sequence[Pattern] | None) -> list[Pat
         return []
     if isinstance(patterns, (str, type)):
         patterns = [patterns]
+    elif not isinstance(patterns, (list, tuple)):
+        raise TypeError(
+            f"selection patterns are a glob string, a type or a list of them, got {patterns!r}"
+        )
     result: list[Pattern] = []
     for p in patterns:
         if isinstance(p, str) and p.startswith("type:"):
@@ -171,6 +175,13 @@ def check_patterns_match(
         pool = list(
             dict.fromkeys([c.name for c in candidates] + [n for n, _ in model.named_modules() if n])
         )
+        matched = [n for n in pool if fnmatch.fnmatchcase(n, pattern)]
+        if matched:
+            more = f" and {len(matched) - 5} more" if len(matched) > 5 else ""
+            raise ValueError(
+                f"{option} pattern {pattern!r} matches modules ({', '.join(matched[:5])}{more}) "
+                "but none of them is or contains a normalization layer"
+            )
         close = difflib.get_close_matches(pattern, pool, n=5, cutoff=0.5)
         if not close:
             stem = pattern.split("*")[0].split("?")[0].rstrip(".")
