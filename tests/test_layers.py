@@ -226,6 +226,18 @@ def test_gradcheck_float64(name):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
 
 
+def test_dbn_warns_once_when_the_batch_covariance_is_rank_deficient():
+    layer = lw.DBN(32, group_size=16)
+    with pytest.warns(UserWarning, match=r"12 samples per batch for groups of 16 channels"):
+        layer(torch.randn(3, 32, 2, 2))  # 3 x 2 x 2 = 12 samples < 16 channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(3, 32, 2, 2))  # once per layer
+        lw.DBN(32, group_size=16)(torch.randn(4, 32, 2, 2))  # 16 samples: full rank possible
+        lw.IterNorm(32, group_size=16)(torch.randn(3, 32, 2, 2))  # bounded by T: no warning
+        layer.eval()(torch.randn(1, 32, 1, 1))  # eval uses running statistics
+
+
 def test_dbn_backward_is_finite_and_correct_with_repeated_eigenvalues():
     # Rows orthogonal with equal norms: the covariance is a multiple of I (all eigenvalues tie).
     m, d = 64, 8
@@ -586,12 +598,16 @@ def test_whiten_batch_touches_no_state():
 
 
 def test_rank_deficient_batches_still_produce_finite_output():
-    # fewer samples than channels per group: eps keeps the covariance invertible.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for cls in (lw.IterNorm, lw.DBN, lw.SWBN):
+    # fewer samples than channels per group: eps keeps the covariance invertible (DBN also
+    # says that its output is dominated by amplified noise then).
+    for cls in (lw.IterNorm, lw.DBN, lw.SWBN):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             y = cls(32, group_size=32)(torch.randn(4, 32))
-            assert torch.isfinite(y).all()
+        assert torch.isfinite(y).all()
+        assert [str(w.message) for w in caught if "rank-deficient" in str(w.message)] == (
+            [] if cls is not lw.DBN else [str(caught[0].message)]
+        )
 
 
 class _HostReads(TorchDispatchMode):

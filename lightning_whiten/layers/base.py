@@ -64,6 +64,10 @@ class WhiteningNorm(nn.Module):
     schedulable: ClassVar[tuple[str, ...]] = ("eps", "momentum")
     #: Whether eval output can equal a BatchNorm's that uses batch statistics in eval.
     _exact_without_running_stats: ClassVar[bool] = False
+    #: Warn (once) when a training batch has fewer samples than channels per group: the
+    #: covariance is then rank-deficient and an exact inverse square root (DBN) amplifies the
+    #: directions without data by up to 1/sqrt(eps).
+    _warns_rank_deficient: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -246,6 +250,8 @@ class WhiteningNorm(nn.Module):
             bias = self.bias.to(cdtype) if affine and self.bias is not None else None
             if batch_stats:
                 group = resolve_process_group(self.sync, self.process_group) if update else None
+                if update and self._warns_rank_deficient and not torch.compiler.is_compiling():
+                    self._warn_if_rank_deficient(x, group)
                 result = F.whiten(xf, self._matrix_map(), self.group_size, weight, bias, group)
                 if update:
                     self._update(result, result.matrix)
@@ -254,6 +260,23 @@ class WhiteningNorm(nn.Module):
                 matrix, offset = self._inference_map()
                 y = F.grouped_affine(xf, matrix.to(cdtype), offset.to(cdtype), weight, bias)
         return y.to(x.dtype)
+
+    def _warn_if_rank_deficient(self, x: Tensor, group: Any) -> None:
+        if getattr(self, "_rank_deficiency_warned", False):
+            return
+        processes = torch.distributed.get_world_size(group) if group is not None else 1
+        samples = x.numel() // self.num_features * processes
+        if samples < self.group_size:
+            self._rank_deficiency_warned = True
+            warnings.warn(
+                f"{self.describe()}: {samples} samples per batch for groups of "
+                f"{self.group_size} channels: the batch covariance is rank-deficient, and "
+                f"whitening amplifies the directions without data by up to 1/sqrt(eps) "
+                f"({(1 / self.eps) ** 0.5:.0f}x), which destabilizes training. Use a larger batch, "
+                "a smaller group_size, or IterNorm (its truncated iteration bounds the gain).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     @torch.no_grad()
     def _update(self, moments: F.WhitenResult, matrix: Tensor) -> None:

@@ -36,11 +36,16 @@ class DBN(RunningWhiteningNorm):
         shape, dtype and memory format.
 
     Note:
+        A training batch needs at least ``group_size`` samples per group (``N*H*W`` for images)
+        or its covariance is rank-deficient and ZCA amplifies noise by up to ``1/sqrt(eps)``;
+        the layer warns once when that happens.
+
         ``torch.linalg.eigh`` synchronizes with the host on CUDA; prefer :class:`IterNorm` or
         :class:`SWBN` where that matters.
     """
 
     default_group_size = 16
+    _warns_rank_deficient = True  # an exact inverse square root: see WhiteningNorm
 
     def __init__(
         self,
