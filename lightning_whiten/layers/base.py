@@ -134,6 +134,7 @@ class WhiteningNorm(nn.Module):
         self.register_buffer(
             "nonfinite_batches", torch.zeros((), dtype=torch.long, device=device), persistent=False
         )
+        self._rank_deficiency_warned = False  # see _warns_rank_deficient
 
     # ----------------------------------------------------------------------------------------
     # Hooks for subclasses
@@ -262,7 +263,7 @@ class WhiteningNorm(nn.Module):
         return y.to(x.dtype)
 
     def _warn_if_rank_deficient(self, x: Tensor, group: Any) -> None:
-        if getattr(self, "_rank_deficiency_warned", False):
+        if self._rank_deficiency_warned:
             return
         processes = torch.distributed.get_world_size(group) if group is not None else 1
         samples = x.numel() // self.num_features * processes

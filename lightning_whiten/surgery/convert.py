@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..layers import WhiteningNorm, norm_act_class
-from .export import default_example_input
 from .registry import check_layer_options, class_path, import_class, resolve_layer
 from .report import ConversionReport, ReplacedModule, SkippedModule
 from .select import (
@@ -29,7 +28,7 @@ from .select import (
     preceding_conv,
     stage_of,
 )
-from .trace import TracedInput, trace_inputs
+from .trace import TracedInput, default_example_input, trace_inputs
 
 __all__ = ["NormSource", "convert"]
 

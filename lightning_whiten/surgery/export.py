@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..layers import WhiteningNorm
 from ..layers.norm_act import NormActMixin
-from .trace import Segment, trace_inputs
+from .trace import Segment, default_example_input, trace_inputs
 
 __all__ = ["ExportPlan", "export", "plan_export"]
 
@@ -71,38 +71,6 @@ def _sites(model: nn.Module) -> list[_Site]:
             else:
                 sites[id(module)] = _Site(name, module, [(parents[parent], attr)])
     return list(sites.values())
-
-
-def default_example_input(model: nn.Module) -> Tensor | None:
-    """A small random batch for image models: from timm's ``pretrained_cfg`` or the first
-    convolution's input channels; ``None`` when the input cannot be guessed.
-
-    Drawn from a private generator: guessing an input never advances the global RNG, so
-    seeded runs do not depend on whether ``convert``/``export`` traced the model.
-    """
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-    dtype = param.dtype if param is not None and param.dtype.is_floating_point else None
-    shape: tuple[int, ...] | None = None
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
-        shape = (2, cfg["input_size"][0], 64, 64)
-    else:
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                shape = (2, module.in_channels, 64, 64)
-            elif isinstance(module, nn.Conv1d):
-                shape = (2, module.in_channels, 64)
-            elif isinstance(module, nn.Conv3d):
-                shape = (2, module.in_channels, 8, 32, 32)
-            elif isinstance(module, nn.Linear):
-                shape = (2, module.in_features)
-            if shape is not None:
-                break
-    if shape is None:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
 def _affine_map(layer: WhiteningNorm) -> tuple[Tensor, Tensor]:
@@ -364,7 +332,7 @@ def export(
 
     if original is not None:
         _check_export(original, target, example_input, fold)
-    unfolded = {s.name: s.reason or "no producer found" for s in sites if not s.folds}
+    unfolded = _plan_of(sites).unfolded
     if fold and unfolded:
         listing = "; ".join(f"{n} ({r})" for n, r in list(unfolded.items())[:8])
         more = f" and {len(unfolded) - 8} more" if len(unfolded) > 8 else ""

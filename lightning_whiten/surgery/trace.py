@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Segment", "TracedInput", "trace_inputs"]
+__all__ = ["Segment", "TracedInput", "default_example_input", "trace_inputs"]
 
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _CAT = {torch.cat, torch.concat, torch.concatenate}
@@ -190,3 +190,35 @@ def _describe(state: _State, tensor_id: int, dim: int, version: int, calls: int)
     if calls > 1 and traced.problem is None:
         traced.problem = "the layer is called more than once"
     return traced
+
+
+def default_example_input(model: nn.Module) -> Tensor | None:
+    """A small random batch for image models: from timm's ``pretrained_cfg`` or the first
+    convolution's input channels; ``None`` when the input cannot be guessed.
+
+    Drawn from a private generator: guessing an input never advances the global RNG, so
+    seeded runs do not depend on whether ``convert``/``export`` traced the model.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else None
+    shape: tuple[int, ...] | None = None
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
+        shape = (2, cfg["input_size"][0], 64, 64)
+    else:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                shape = (2, module.in_channels, 64, 64)
+            elif isinstance(module, nn.Conv1d):
+                shape = (2, module.in_channels, 64)
+            elif isinstance(module, nn.Conv3d):
+                shape = (2, module.in_channels, 8, 32, 32)
+            elif isinstance(module, nn.Linear):
+                shape = (2, module.in_features)
+            if shape is not None:
+                break
+    if shape is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
