@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_whiten as lw
 from lightning_whiten import functional as F
+from lightning_whiten.functional import whitening as FW
 
 torch.manual_seed(0)
 
@@ -635,7 +636,7 @@ def test_training_step_never_waits_for_the_device(name, chunk_bytes, monkeypatch
     # value is read on the host and nothing is copied from the host during forward + backward.
     monkeypatch.setattr("lightning_whiten.layers.base.warns_at_batch", lambda device: False)
     if chunk_bytes is not None:
-        monkeypatch.setattr(F, "_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(FW, "_CHUNK_BYTES", chunk_bytes)
     layer = make(name, dtype=torch.float32, momentum=None if name == "iternorm" else 0.1)
     layer(torch.randn(8, 40, 4, 4))
     x = torch.randn(8, 40, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
