@@ -42,3 +42,15 @@ def bench(session: nox.Session) -> None:
     """Layer- and model-level benchmarks; writes JSON to benchmarks/results/."""
     _sync(session)
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The fast test subset against the oldest releases the install requirements allow
+    (``--resolution lowest-direct``: torch 2.11 / torchvision 0.26, lightning 2.5, timm 1.0.20,
+    ...), so that the ranges in pyproject.toml stay true."""
+    session.run_install(
+        "uv", "pip", "install", "--python", session.virtualenv.location,
+        "--resolution", "lowest-direct", "-e", ".", "--group", "dev",
+    )  # fmt: skip
+    session.run("pytest", "-q", "-m", "not slow", *session.posargs)

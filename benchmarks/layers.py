@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -31,24 +32,44 @@ def candidates(channels: int) -> dict[str, Any]:
 
 
 def run(
-    device: torch.device, quick: bool = False, channels_last: bool = False
+    device: torch.device,
+    quick: bool = False,
+    channels_last: bool = False,
+    shapes: list[tuple[int, ...]] | None = None,
+    dtype: torch.dtype | None = None,
+    plain: bool = True,
 ) -> list[dict[str, Any]]:
+    """Forward + backward of every candidate next to ``nn.BatchNorm2d`` on each shape.
+
+    ``dtype`` (``torch.bfloat16``/``float16``) runs the step under autocast with the input in
+    that dtype (BatchNorm then runs cuDNN's mixed-precision kernel); ``plain=False`` leaves out
+    the plain-autograd baselines.
+    """
     rows = []
     rounds = 5 if quick else 25
-    for shape in SHAPES:
-        x = torch.randn(shape, device=device)
+    for shape in shapes or SHAPES:
+        x = torch.randn(shape, device=device, dtype=dtype or torch.float32)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         grad = torch.randn_like(x)
         steps = {}
+        cast = (
+            (lambda: torch.autocast(device.type, dtype=dtype))
+            if dtype is not None
+            else contextlib.nullcontext
+        )
         for name, make in candidates(shape[1]).items():
+            if name.startswith("plain") and not plain:
+                continue
             layer = make().to(device).train()
 
-            def step(layer=layer, x=x, grad=grad):
+            def step(layer=layer, x=x, grad=grad, cast=cast):
                 x.grad = None
                 layer.zero_grad(set_to_none=True)
-                layer(x).backward(grad)
+                with cast():
+                    y = layer(x)
+                y.backward(grad.to(y.dtype))
 
             steps[name] = step
         # Interleaved rounds (every candidate once per round): slow drifts of a shared machine

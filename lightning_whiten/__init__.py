@@ -1,20 +1,66 @@
-"""lightning-whiten: batch whitening (IterNorm, DBN, SWBN) for PyTorch and PyTorch Lightning."""
+"""lightning-whiten: batch whitening (IterNorm, DBN, SWBN) for PyTorch and PyTorch Lightning.
 
-from . import diagnostics, functional, schedules
-from .checkpoint import load_converted
-from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
-from .surgery import ConversionReport, convert, export
+Every name is imported on first use (PEP 562): ``import lightning_whiten`` itself loads
+nothing heavy, so ``lightning-whiten --help`` answers without importing torch, and the core
+(layers, functional, surgery, diagnostics) never imports Lightning; the Lightning adapters
+(``WhiteningCallback``, ``WhiteningMonitor``, ``ImageClassifier``, ``data``, ``cli``) load it
+when they are first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: Public name -> the submodule that defines it.
+_EXPORTS: dict[str, str] = {
+    "DBN": "layers",
+    "DBNAct": "layers",
+    "IterNorm": "layers",
+    "IterNormAct": "layers",
+    "SWBN": "layers",
+    "SWBNAct": "layers",
+    "WhiteningNorm": "layers",
+    "NormFamily": "registry",
+    "register_family": "registry",
+    "ConversionPlan": "surgery",
+    "ConversionReport": "surgery",
+    "ConversionSpec": "surgery",
+    "convert": "surgery",
+    "export": "surgery",
+    "plan_conversion": "surgery",
+    "load_converted": "checkpoint",
+    "WhiteningCallback": "callbacks",
+    "WhiteningMonitor": "callbacks",
+    "ImageClassifier": "models",
+}
+_SUBMODULES = (
+    "callbacks",
+    "checkpoint",
+    "cli",
+    "data",
+    "diagnostics",
+    "functional",
+    "layers",
+    "models",
+    "registry",
+    "schedules",
+    "surgery",
+)
 
 __all__ = [
     "DBN",
     "SWBN",
+    "ConversionPlan",
     "ConversionReport",
+    "ConversionSpec",
     "DBNAct",
     "ImageClassifier",
     "IterNorm",
     "IterNormAct",
+    "NormFamily",
     "SWBNAct",
     "WhiteningCallback",
     "WhiteningMonitor",
@@ -25,18 +71,40 @@ __all__ = [
     "export",
     "functional",
     "load_converted",
+    "plan_conversion",
+    "register_family",
+    "registry",
     "schedules",
+    "surgery",
 ]
 
 
-def __getattr__(name: str):
-    # The Lightning adapters are imported on first use: the core stays plain PyTorch.
-    if name in ("WhiteningCallback", "WhiteningMonitor"):
-        from . import callbacks
-
-        return getattr(callbacks, name)
-    if name == "ImageClassifier":
-        from .models import ImageClassifier
-
-        return ImageClassifier
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'lightning_whiten' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
+    from . import diagnostics, functional, registry, schedules, surgery
+    from .callbacks import WhiteningCallback, WhiteningMonitor
+    from .checkpoint import load_converted
+    from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
+    from .models import ImageClassifier
+    from .registry import NormFamily, register_family
+    from .surgery import (
+        ConversionPlan,
+        ConversionReport,
+        ConversionSpec,
+        convert,
+        export,
+        plan_conversion,
+    )

@@ -1,56 +1,143 @@
-"""Loading checkpoints of whitened models without the callback (plain PyTorch)."""
+"""Loading checkpoints of converted models without the callback (plain PyTorch)."""
 
 from __future__ import annotations
 
 import inspect
 import os
+import pickle
 from typing import Any
 
 import torch
 from torch import nn
 
-from .layers import WhiteningNorm
-from .surgery import convert
+from .registry import family_of
+from .schedules import schedulable_attributes
+from .surgery import ConversionSpec, convert
 
 __all__ = [
     "CHECKPOINT_KEY",
     "apply_layer_attributes",
+    "check_resume",
     "conversion_spec",
     "layer_attributes",
+    "load_checkpoint",
     "load_converted",
 ]
 
-#: Key under which ``WhiteningCallback`` stores the conversion spec in a Lightning checkpoint.
+#: Key under which ``WhiteningCallback`` stores the conversion in a Lightning checkpoint.
 CHECKPOINT_KEY = "lightning_whiten"
 
 
-def conversion_spec(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The conversion recorded in a (loaded) checkpoint by ``WhiteningCallback``."""
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file.
+
+    ``weights_only=True`` is passed explicitly (an environment variable can otherwise turn the
+    default back into full unpickling, which runs code the file names).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} is not a file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} ({size} bytes) cannot be read: it is truncated, "
+            f"corrupted or not a torch checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} holds a {type(checkpoint).__name__}, not a dict"
+        )
+    return checkpoint
+
+
+def conversion_spec(checkpoint: dict[str, Any], *, trusted: bool = False) -> ConversionSpec:
+    """The conversion recorded in a (loaded) checkpoint by ``WhiteningCallback``.
+
+    Names in it resolve only through the registry of families and modules already imported,
+    unless ``trusted``.
+    """
     entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not entry or "spec" not in entry:
         raise ValueError(
             "the checkpoint holds no whitening conversion: it was not written by a Trainer with "
             "WhiteningCallback (load it with load_state_dict into the original model instead)"
         )
-    return entry["spec"]
+    return ConversionSpec.from_dict(entry["spec"], trusted=trusted)
+
+
+def check_resume(checkpoint: dict[str, Any], spec: ConversionSpec | None) -> None:
+    """Refuse, with the reason, to resume ``checkpoint`` into a model that will not match it:
+    ``spec`` is the conversion the resuming run applies (``None``: no conversion).
+
+    Raises:
+        ValueError: a BatchNorm checkpoint resumed with a conversion, a converted checkpoint
+            resumed without one, or one family resumed as another.
+    """
+    entry = checkpoint.get(CHECKPOINT_KEY)
+    written = entry.get("spec") if isinstance(entry, dict) else None
+    if spec is None:
+        if written is not None:
+            raise ValueError(
+                "this checkpoint was written by a model converted with WhiteningCallback "
+                f"(layer {written.get('layer')!r}): its state holds whitening layers. Add "
+                "WhiteningCallback with the same settings to the Trainer to resume it, or load "
+                "it with lightning_whiten.load_converted(YourModule, path)"
+            )
+        return
+    if written is None:
+        raise ValueError(
+            "this checkpoint was written without WhiteningCallback (its model has the original "
+            f"normalization layers), and resuming it with WhiteningCallback({spec.layer!r}) would "
+            "load them into the converted layers. To start whitening from these weights, load "
+            "them into the model (e.g. ImageClassifier(checkpoint_path=...) or "
+            "load_state_dict) and fit without ckpt_path; to resume, drop the callback"
+        )
+    layer = written.get("layer")
+    if isinstance(layer, str) and layer != spec.layer:
+        try:
+            same = ConversionSpec.from_dict(written).family is spec.family
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(
+                f"this checkpoint was converted to {layer!r} and WhiteningCallback converts to "
+                f"{spec.layer!r}: resume with layer={layer!r}, or start a new run from its weights"
+            )
 
 
 def layer_attributes(model: nn.Module, scheduler: Any = None) -> dict[str, dict[str, Any]]:
-    """``{module name: {attribute: value}}``: the schedulable attributes of every whitening
+    """``{module name: {attribute: value}}``: the schedulable attributes of every converted
     layer (``iterations``, ``eps``, ``whitening_rate``, ...) and every attribute ``scheduler``
     (a :class:`~lightning_whiten.schedules.LayerScheduler`) drives on other modules."""
     attributes: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, WhiteningNorm):
-            attributes[name] = {a: getattr(module, a) for a in module.schedulable}
+        family = family_of(module)
+        if family is not None and name:
+            attributes[name] = {a: getattr(module, a) for a in family.schedulable}
     if scheduler is not None:
         for name, values in scheduler.scheduled_attributes().items():
             attributes.setdefault(name, {}).update(values)
     return attributes
 
 
-def apply_layer_attributes(model: nn.Module, attributes: dict[str, dict[str, Any]]) -> None:
-    """Set the attributes recorded by :func:`layer_attributes` on a rebuilt model."""
+def apply_layer_attributes(
+    model: nn.Module, attributes: dict[str, dict[str, Any]], *, trusted: bool = False
+) -> None:
+    """Set the attributes recorded by :func:`layer_attributes` on a rebuilt model.
+
+    Only what a schedule may change is accepted: the declared ``schedulable`` attributes of a
+    layer, or ``eps``/``momentum`` of torch's normalization layers, with numeric values (a
+    checkpoint cannot change a convolution's stride or any other structure). ``trusted``
+    also accepts other numeric attributes a module already has (what a schedule may drive on
+    modules that declare nothing).
+    """
+    if not isinstance(attributes, dict):
+        raise ValueError(f"checkpoint attributes must be a dict, got {type(attributes).__name__}")
     for name, values in attributes.items():
         try:
             module = model.get_submodule(name)
@@ -58,16 +145,24 @@ def apply_layer_attributes(model: nn.Module, attributes: dict[str, dict[str, Any
             raise ValueError(
                 f"the checkpoint records attributes of {name!r}, which the rebuilt model lacks"
             ) from None
-        for attribute, value in values.items():
+        declared = schedulable_attributes(module)
+        for attribute, value in dict(values).items():
+            current = getattr(module, attribute, None)
+            if declared is not None:
+                allowed = attribute in declared
+            else:
+                allowed = trusted and isinstance(current, (int, float))
+            if not allowed:
+                raise ValueError(
+                    f"the checkpoint sets {attribute!r} on {name!r} ({type(module).__name__}), "
+                    f"which is not a schedulable attribute of it (allowed: {list(declared or ())})"
+                )
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (numeric or (value is None and attribute == "momentum")):
+                raise ValueError(
+                    f"the checkpoint sets {name}.{attribute} to {value!r}, not a number"
+                )
             setattr(module, attribute, value)
-
-
-def convert_from_spec(model: nn.Module, spec: dict[str, Any]):
-    """Redo a recorded conversion on a freshly built model (same selection, same options)."""
-    options = dict(spec.get("options", {}))
-    kwargs = {k: spec[k] for k in ("include", "exclude", "min_channels", "placement", "stages",
-                                    "frozen", "respect_conv_groups") if k in spec}  # fmt: skip
-    return convert(model, spec["layer"], **kwargs, **options)
 
 
 def load_converted(
@@ -76,28 +171,35 @@ def load_converted(
     *,
     map_location: Any = "cpu",
     strict: bool = True,
-    weights_only: bool | None = None,
+    trust: bool = False,
     **init_kwargs: Any,
 ) -> nn.Module:
-    """Rebuild the whitened architecture stored in a checkpoint and load its weights strictly.
+    """Rebuild the converted architecture stored in a checkpoint and load its weights strictly.
 
     Works without the callback and without a Trainer: the checkpoint records how the model was
-    converted, so the same conversion is redone on a freshly built model before loading, and
-    the layer attributes schedules had reached (``iterations``, ``eps``, ...) are set back.
+    converted (a :class:`~lightning_whiten.surgery.ConversionSpec`), so the same conversion is
+    redone on a freshly built model before loading, and the layer attributes schedules had
+    reached (``iterations``, ``eps``, ...) are set back.
+
+    The file is read with ``weights_only=True``; layer families and module types it names
+    resolve only through the registry and modules already imported (``trust=True`` allows
+    imports, for a file you trust that names your own layer by its class path), and only
+    schedulable attributes are restored.
 
     Args:
         module: a LightningModule (or ``nn.Module``) class, instantiated from the checkpoint's
             ``hyper_parameters`` (and ``init_kwargs``), or an instance with the original
             (unconverted) architecture. ``configure_model`` is called if defined.
         checkpoint_path: a checkpoint written by a Trainer with ``WhiteningCallback``.
-        map_location, weights_only: passed to ``torch.load``.
+        map_location: passed to ``torch.load``.
         strict: passed to ``load_state_dict``.
+        trust: let names in the checkpoint import modules.
 
     Returns:
         The converted module with the checkpoint's weights, in eval mode.
     """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=weights_only)
-    spec = conversion_spec(checkpoint)
+    checkpoint = load_checkpoint(checkpoint_path, map_location)
+    spec = conversion_spec(checkpoint, trusted=trust)
     if isinstance(module, type):
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         hparams.update(init_kwargs)
@@ -108,7 +210,7 @@ def load_converted(
     configure = getattr(module, "configure_model", None)
     if callable(configure):
         configure()
-    convert_from_spec(module, spec)
-    apply_layer_attributes(module, checkpoint[CHECKPOINT_KEY].get("attributes", {}))
+    convert(module, spec)
+    apply_layer_attributes(module, checkpoint[CHECKPOINT_KEY].get("attributes", {}), trusted=trust)
     module.load_state_dict(checkpoint.get("state_dict", checkpoint), strict=strict)
     return module.eval()

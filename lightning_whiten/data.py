@@ -99,8 +99,9 @@ class Digits(ImageDataModule):
     num_classes = 10
 
     def __init__(self, image_size: int = 32, val_fraction: float = 0.2, augment: bool = True,
-                 seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:  # fmt: skip
-        super().__init__(batch_size, num_workers)
+                 seed: int = 0, batch_size: int = 64, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers, pin_memory)
         if not 0 < val_fraction < 1:
             raise ValueError(f"Digits: val_fraction must be in (0, 1), got {val_fraction}")
         self.image_size = image_size
@@ -144,8 +145,8 @@ class SyntheticImages(ImageDataModule):
 
     def __init__(self, num_classes: int = 10, image_size: int = 32, num_train: int = 512,
                  num_val: int = 128, noise: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 num_workers: int = 0) -> None:  # fmt: skip
-        super().__init__(batch_size, num_workers)
+                 num_workers: int = 0, pin_memory: bool = False) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers, pin_memory)
         self.num_classes = num_classes
         self.image_size = image_size
         self.num_train, self.num_val, self.noise, self.seed = num_train, num_val, noise, seed
@@ -169,15 +170,28 @@ class _CIFAR(ImageDataModule):
     image_size = 32
     _mean: tuple[float, ...] = ()
     _std: tuple[float, ...] = ()
+    _torchvision_name = ""  # the torchvision.datasets class
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
-                 num_workers: int = 4) -> None:  # fmt: skip
-        super().__init__(batch_size, num_workers)
+                 num_workers: int = 4, pin_memory: bool = False) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers, pin_memory)
         self.data_dir = data_dir
         self.download = download
 
-    def _dataset(self, train: bool):
-        raise NotImplementedError
+    def _dataset(self, train: bool, transform: Any = None):
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, self._torchvision_name)
+        try:
+            return cls(self.data_dir, train=train, transform=transform, download=self.download)
+        except (RuntimeError, OSError) as err:
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name}: the dataset is not in {os.path.abspath(self.data_dir)!r} and could not be "
+                f"downloaded ({err.__class__.__name__}: {err}). Without network access, put the "
+                f"torchvision {name} files there (e.g. copied from another machine), or use the "
+                "ImageFolder or Digits datamodules."
+            ) from err
 
     def prepare_data(self) -> None:
         for train in (True, False):
@@ -194,18 +208,6 @@ class _CIFAR(ImageDataModule):
         self.train_set = self._dataset(True, transform=train)
         self.val_set = self._dataset(False, transform=val)
 
-    def _load(self, cls: Any, train: bool, transform: Any):
-        try:
-            return cls(self.data_dir, train=train, transform=transform, download=self.download)
-        except (RuntimeError, OSError) as err:
-            name = type(self).__name__
-            raise RuntimeError(
-                f"{name}: the dataset is not in {os.path.abspath(self.data_dir)!r} and could not be "
-                f"downloaded ({err.__class__.__name__}: {err}). Without network access, put the "
-                f"torchvision {name} files there (e.g. copied from another machine), or use the "
-                "ImageFolder or Digits datamodules."
-            ) from err
-
 
 class CIFAR10(_CIFAR):
     """CIFAR-10 from torchvision (downloaded into ``data_dir`` when the network allows).
@@ -217,11 +219,7 @@ class CIFAR10(_CIFAR):
     num_classes = 10
     _mean = (0.4914, 0.4822, 0.4465)
     _std = (0.2470, 0.2435, 0.2616)
-
-    def _dataset(self, train: bool, transform: Any = None):
-        from torchvision.datasets import CIFAR10 as TV
-
-        return self._load(TV, train, transform)
+    _torchvision_name = "CIFAR10"
 
 
 class CIFAR100(_CIFAR):
@@ -230,11 +228,7 @@ class CIFAR100(_CIFAR):
     num_classes = 100
     _mean = (0.5071, 0.4865, 0.4409)
     _std = (0.2673, 0.2564, 0.2762)
-
-    def _dataset(self, train: bool, transform: Any = None):
-        from torchvision.datasets import CIFAR100 as TV
-
-        return self._load(TV, train, transform)
+    _torchvision_name = "CIFAR100"
 
 
 class ImageFolder(ImageDataModule):
@@ -245,8 +239,9 @@ class ImageFolder(ImageDataModule):
     """
 
     def __init__(self, root: str, image_size: int = 224, train_dir: str = "train", val_dir: str = "val",
-                 batch_size: int = 64, num_workers: int = 4) -> None:  # fmt: skip
-        super().__init__(batch_size, num_workers)
+                 batch_size: int = 64, num_workers: int = 4,
+                 pin_memory: bool = False) -> None:  # fmt: skip
+        super().__init__(batch_size, num_workers, pin_memory)
         self.root = Path(root)
         self.image_size = image_size
         self.train_dir, self.val_dir = train_dir, val_dir

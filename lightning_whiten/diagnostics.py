@@ -17,7 +17,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import functional as F
 from .layers import IterNorm, WhiteningNorm
 
-__all__ = ["Whiteness", "batch_transform", "nonfinite_batches", "snd", "whiteness"]
+__all__ = [
+    "Whiteness",
+    "batch_transform",
+    "diverged_batches",
+    "nonfinite_batches",
+    "snd",
+    "whiteness",
+]
 
 
 _PER_SAMPLE = (nn.GroupNorm, nn.LayerNorm)
@@ -35,7 +42,7 @@ def batch_transform(layer: nn.Module, x: Tensor, training: bool = True) -> Tenso
     if isinstance(layer, WhiteningNorm):
         if training or not layer.track_running_stats:  # no running buffers: eval uses the batch
             return layer.whiten_batch(x)
-        matrix, offset = layer._inference_map()
+        matrix, offset = layer.inference_map()
         return F.grouped_affine(x.to(matrix.dtype), matrix, offset).to(x.dtype)
     if isinstance(layer, _BatchNorm):
         if training or layer.running_mean is None:
@@ -185,9 +192,19 @@ def nonfinite_batches(model: nn.Module) -> dict[str, int]:
     The counts live on the layers' devices; this reads them all with one host synchronization.
     Keys are qualified module names.
     """
+    return _counts(model, "nonfinite_batches")
+
+
+def diverged_batches(model: nn.Module) -> dict[str, int]:
+    """Training batches each whitening layer of ``model`` kept out of its running statistics
+    because its whitening matrix diverged (see ``diverged_batches`` on the layers)."""
+    return _counts(model, "diverged_batches")
+
+
+def _counts(model: nn.Module, counter: str) -> dict[str, int]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, WhiteningNorm)]
     if not layers:
         return {}
-    device = layers[0][1].nonfinite_batches.device
-    counts = torch.stack([m.nonfinite_batches.to(device) for _, m in layers]).tolist()
+    device = getattr(layers[0][1], counter).device
+    counts = torch.stack([getattr(m, counter).to(device) for _, m in layers]).tolist()
     return dict(zip([n for n, _ in layers], counts, strict=True))

@@ -307,7 +307,8 @@ class LayerScheduler:
                 a pattern that matches nothing, or a value the layer would reject.
         """
         import difflib
-        import fnmatch
+
+        from .patterns import in_scope
 
         known_attributes = known_attributes or {}
         named = list(model.named_modules())
@@ -315,16 +316,7 @@ class LayerScheduler:
         for key, schedule in self.schedules.items():
             attribute, pattern = self.split(key)
 
-            def in_scope(name: str, pattern: str | None = pattern) -> bool:
-                if pattern is None:
-                    return True
-                parts = name.split(".")
-                return any(
-                    fnmatch.fnmatchcase(".".join(parts[:i]), pattern)
-                    for i in range(len(parts), 0, -1)
-                )
-
-            scoped = [(n, m) for n, m in named if n and in_scope(n)]
+            scoped = [(n, m) for n, m in named if n and (pattern is None or in_scope(n, pattern))]
             if pattern is not None and not scoped:
                 names = [n for n, _ in named if n]
                 close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)

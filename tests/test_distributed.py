@@ -26,7 +26,9 @@ def _worker(rank: int, world: int, init_file: str, result_file: str) -> None:
     try:
         errors = []
         for name, make in LAYERS.items():
-            for sizes in ((6, 6), (3, 9)):  # equal and uneven per-rank batches
+            # equal and uneven per-rank batches, and a rank with a single sample (what counts is
+            # the synced batch, as for SyncBatchNorm)
+            for sizes in ((6, 6), (3, 9), (1, 8)):
                 torch.manual_seed(0)
                 layer = make()
                 with torch.no_grad():

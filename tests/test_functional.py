@@ -8,7 +8,7 @@ import torch
 
 import lightning_whiten as lw
 from lightning_whiten import functional as F
-from lightning_whiten.functional import whitening as FW
+from lightning_whiten.functional import _backend as FW
 
 
 def spd(groups: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -98,7 +98,7 @@ def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
     whitening = [m for m in model.modules() if isinstance(m, WhiteningNorm)]
     if callbacks:
         assert whitening and callbacks[0].report.num_replaced == len(whitening)
-        if callbacks[0].spec["placement"] == "first":
+        if callbacks[0].spec.placement == "first":
             assert len(whitening) == 1
     else:
         assert not whitening

@@ -33,10 +33,6 @@ from ..layers import IterNorm, WhiteningNorm
 
 __all__ = ["WhiteningMonitor"]
 
-# Autograd nodes that compute a normalization layer's input gradient: its backward ends there
-# (the fused whitening node, the composable building blocks, torch's BatchNorm).
-_LAST_NODES = ("_WhitenBackward", "_BatchCovarianceBackward", "BatchNormBackward")
-
 
 class _Clock:
     """Wall-clock marks on CPU, CUDA events on GPU (read only when the step is over)."""
@@ -67,6 +63,7 @@ class _LayerStats:
     saved_bytes: int = 0
     buffer_bytes: int = 0
     quality: dict[str, float] = field(default_factory=dict)
+    quality_skipped: str | None = None  # why SND/whiteness could not be measured, if so
     cache: list[Tensor] = field(default_factory=list)
     # per sampled step
     marks: list[tuple[Any, Any]] = field(default_factory=list)
@@ -86,8 +83,12 @@ class WhiteningMonitor(Callback):
     * ``whiten/<layer>/snd``, ``whiten/<layer>/whiteness``, ``whiten/<layer>/condition_number``
       and, for IterNorm, ``whiten/<layer>/newton_residual``, every ``snd_every_n_epochs``.
 
+    The monitor never stops training: a measurement it cannot make (non-finite inputs, a
+    failed decomposition) is skipped, reported once as a warning and in the summary.
+
     Args:
-        every_n_steps: measure overhead on one training batch in this many (0 disables).
+        every_n_steps: measure overhead on the second training batch (the first one warms up)
+            and then on one batch in this many (0 disables).
         snd_every_n_epochs: compute SND and whiteness every this many epochs (0 disables).
         snd_batch_size: mini-batch size for SND (default: the training batch size seen).
         snd_num_batches: mini-batches per probe sample (cost: ``probes x num_batches``
@@ -138,6 +139,7 @@ class WhiteningMonitor(Callback):
         self.step_ms: list[float] = []
         self.overhead_pct: list[float] = []
         self._handles: list[Any] = []
+        self._open_contexts: list[Any] = []  # saved-tensor hooks entered by a sampled forward
         self._sampled = False
         self._capturing = False
         self._captured_batches = 0
@@ -180,7 +182,7 @@ class WhiteningMonitor(Callback):
         self._batch_counter += 1
         measuring = (
             self.every_n_steps
-            and self._batch_counter % self.every_n_steps == 0
+            and (self._batch_counter == 2 or self._batch_counter % self.every_n_steps == 0)
             and trainer.is_global_zero
         )
         self._sampled = bool(measuring) and bool(self.layers)
@@ -223,32 +225,34 @@ class WhiteningMonitor(Callback):
 
                 ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
                 ctx.__enter__()
-                stats.marks.append((self._clock.mark(), (ctx, saved)))
+                self._open_contexts.append(ctx)
+                # The autograd node that produced the input: the layer's backward ends there.
+                stop = x.grad_fn if isinstance(x, Tensor) else None
+                stats.marks.append((self._clock.mark(), (ctx, saved, stop)))
 
         return hook
 
     def _post_hook(self, stats: _LayerStats):
         def hook(module, args, output):
-            start, (ctx, saved) = stats.marks.pop()
+            start, (ctx, saved, stop) = stats.marks.pop()
             end = self._clock.mark()
-            ctx.__exit__(None, None, None)
+            self._close(ctx)
             stats.forward_ms.append(self._clock.ms(start, end))
             stats.saved_bytes = sum(saved.values())
             if isinstance(output, Tensor) and output.grad_fn is not None:
-                self._time_backward(stats, output.grad_fn)
+                self._time_backward(stats, output.grad_fn, stop)
 
         return hook
 
-    def _time_backward(self, stats: _LayerStats, first: Any) -> None:
-        """Time the layer's own autograd nodes: from its output node to where its input starts."""
+    def _time_backward(self, stats: _LayerStats, first: Any, stop: Any) -> None:
+        """Time the layer's own autograd nodes: every node between its output and the node
+        that produced its input (``stop``, excluded), whatever the layer computes."""
         nodes, stack = [], [first]
         while stack:
             node = stack.pop()
-            if node is None or node in nodes:
+            if node is None or node is stop or node in nodes:
                 continue
             nodes.append(node)
-            if any(key in type(node).__name__ for key in _LAST_NODES):
-                continue  # the layer's input side: stop before the previous layer
             stack.extend(n for n, _ in node.next_functions)
         marks: list[Any] = []
         stats.node_marks.append(marks)
@@ -260,6 +264,31 @@ class WhiteningMonitor(Callback):
                 lambda *_, begin=begin, marks=marks: marks.append((begin.pop(), self._clock.mark()))
             )
 
+    def _close(self, ctx: Any) -> None:
+        if ctx in self._open_contexts:
+            self._open_contexts.remove(ctx)
+            ctx.__exit__(None, None, None)
+
+    def _cleanup(self) -> None:
+        """Remove every hook this monitor installed and leave every saved-tensor hook it
+        entered (innermost first): after an exception in a sampled step too."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        while self._open_contexts:
+            self._open_contexts.pop().__exit__(None, None, None)
+        for stats in self.layers.values():
+            stats.marks.clear()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._cleanup()
+        self._sampled = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._cleanup()
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -268,9 +297,7 @@ class WhiteningMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._cleanup()
         if not self._sampled:
             return
         self._sampled = False
@@ -315,24 +342,42 @@ class WhiteningMonitor(Callback):
             inputs = torch.cat(stats.cache).to(pl_module.device)
             stats.cache.clear()
             if inputs.shape[0] < 3:
+                stats.quality_skipped = f"only {inputs.shape[0]} cached samples"
                 continue
-            batch = min(self.snd_batch_size or self._train_batch_size or 32, inputs.shape[0] - 1)
-            quality = {
-                "snd": float(
-                    snd(
-                        stats.module,
-                        inputs,
-                        max(batch, 2),
-                        self.snd_num_batches,
-                        self.snd_probes,
-                        self.seed,
-                    )
-                )
-            }
-            quality.update(whiteness(stats.module, inputs).summary())
+            quality = self._measure_quality(stats, inputs)
+            if quality is None:
+                continue
             stats.quality = quality
             metrics.update({f"whiten/{stats.name}/{k}": v for k, v in quality.items()})
+        skipped = {s.name: s.quality_skipped for s in self.layers.values() if s.quality_skipped}
+        if skipped:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            listed = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+            rank_zero_warn(
+                f"WhiteningMonitor: epoch {trainer.current_epoch}: SND/whiteness not measured "
+                f"for {listed} (training continues)"
+            )
         _log(trainer, metrics)
+
+    def _measure_quality(self, stats: _LayerStats, inputs: Tensor) -> dict[str, float] | None:
+        """SND and whiteness of one layer, or ``None`` (with the reason recorded) when they
+        cannot be measured: the monitor must never stop training."""
+        stats.quality_skipped = None
+        if not bool(torch.isfinite(inputs).all()):
+            stats.quality_skipped = "non-finite values in the cached inputs"
+            return None
+        batch = min(self.snd_batch_size or self._train_batch_size or 32, inputs.shape[0] - 1)
+        try:
+            value = snd(
+                stats.module, inputs, max(batch, 2), self.snd_num_batches, self.snd_probes,
+                self.seed,
+            )  # fmt: skip
+            quality = {"snd": float(value), **whiteness(stats.module, inputs).summary()}
+        except (RuntimeError, ValueError) as err:  # e.g. torch.linalg.LinAlgError
+            stats.quality_skipped = f"{type(err).__name__}: {err}".splitlines()[0][:120]
+            return None
+        return quality
 
     # -- summary -----------------------------------------------------------------------------
     def summary_rows(self) -> list[dict[str, Any]]:
@@ -361,14 +406,38 @@ class WhiteningMonitor(Callback):
             })  # fmt: skip
         return rows
 
+    def empty_columns(self) -> list[str]:
+        """Why columns of the summary are empty, if they are (for short runs, mostly)."""
+        reasons = []
+        if not self.step_ms:
+            if not self.every_n_steps:
+                why = "timing is off (every_n_steps=0)"
+            else:
+                why = (
+                    f"no training step was sampled ({self._batch_counter} ran; the 2nd and then "
+                    f"every {self.every_n_steps}th are)"
+                )
+            reasons.append(f"fwd/bwd ms, share: {why}")
+        if not any(s.quality for s in self.layers.values()):
+            if not self.snd_every_n_epochs:
+                why = "SND is off (snd_every_n_epochs=0)"
+            else:
+                skipped = [s.quality_skipped for s in self.layers.values() if s.quality_skipped]
+                why = skipped[0] if skipped else "no training epoch ended"
+            reasons.append(f"SND, whiteness: {why}")
+        else:
+            for s in self.layers.values():
+                if s.quality_skipped:
+                    reasons.append(f"SND of {s.name}: {s.quality_skipped}")
+        return reasons
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._cleanup()
         if not (self.summary and trainer.is_global_zero and self.layers):
             return
-        from rich.console import Console
         from rich.table import Table
+
+        from ..surgery.report import render_table
 
         def fmt(value: Any, spec: str) -> str:
             return "-" if value is None or value != value else format(value, spec)
@@ -378,6 +447,10 @@ class WhiteningMonitor(Callback):
         if mean_pct is not None:
             title += f": whitening takes {mean_pct:.1f}% of a training step ({len(self.step_ms)} sampled)"
         table = Table(title=title, title_justify="left")
+        empty = self.empty_columns()
+        if empty:
+            table.caption = "\n".join(f"- {reason}" for reason in empty)
+            table.caption_justify = "left"
         for column in (
             "layer",
             "type",
@@ -396,7 +469,7 @@ class WhiteningMonitor(Callback):
                 fmt(row["snd"], ".3f"), fmt(row["whiteness"], ".3f"), fmt(row["forward_ms"], ".2f"),
                 fmt(row["backward_ms"], ".2f"), fmt(row["share_pct"], ".1f"),
             )  # fmt: skip
-        Console(width=max(Console().width, 110)).print(table)
+        print(render_table(table), end="")
 
 
 def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

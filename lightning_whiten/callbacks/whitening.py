@@ -12,14 +12,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
 
-from ..checkpoint import CHECKPOINT_KEY, layer_attributes
-from ..diagnostics import nonfinite_batches
-from ..layers import SWBN, WhiteningNorm
+from ..checkpoint import CHECKPOINT_KEY, check_resume, layer_attributes, load_checkpoint
+from ..diagnostics import diverged_batches, nonfinite_batches
+from ..layers import SWBN
 from ..layers.base import warns_at_batch
+from ..registry import families, family_of
 from ..schedules import LayerScheduler, Schedule
-from ..surgery import ConversionReport, convert
-from ..surgery.registry import LAYERS
+from ..surgery import ConversionReport, ConversionSpec, convert
 
 __all__ = ["CHECKPOINT_KEY", "WhiteningCallback"]
 
@@ -35,11 +36,16 @@ class WhiteningCallback(Callback):
     BatchNorms left unconverted into ``SyncBatchNorm`` as usual; the whitening layers sync
     their own statistics across processes (``sync``).
 
+    The conversion is a :class:`~lightning_whiten.surgery.ConversionSpec` built (and validated)
+    when the callback is constructed, so a misspelt layer or option fails before the Trainer
+    does any work.
+
     Args:
-        layer: ``"iternorm"``, ``"dbn"``, ``"swbn"`` or a whitening layer class path.
+        layer: a registered family (``"iternorm"``, ``"dbn"``, ``"swbn"``, ...) or a whitening
+            layer class path.
         layer_options: options of the layer (``{"group_size": 64, "iterations": 5}``).
-        include, exclude, min_channels, placement, stages, frozen, respect_conv_groups:
-            selection, as in :func:`lightning_whiten.convert`.
+        include, exclude, types, min_channels, placement, stages, frozen, respect_conv_groups,
+            insert: selection (and insertion), as in :func:`lightning_whiten.convert`.
         schedules: ``{"attribute" or "attribute@pattern": schedule}``, applied at the start of
             every training batch; e.g. ``{"iterations": Step([3, 5], [0.5], unit="fraction")}``.
             Any numeric attribute of the layers can be scheduled (``iterations``,
@@ -60,11 +66,13 @@ class WhiteningCallback(Callback):
         layer_options: dict[str, Any] | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        types: str | Sequence[str] | None = None,
         min_channels: int = 1,
         placement: Literal["all", "first"] = "all",
         stages: Sequence[int] | None = None,
         frozen: bool = False,
         respect_conv_groups: bool = True,
+        insert: str | Sequence[str] | None = None,
         schedules: dict[str, Schedule | dict[str, Any] | float] | None = None,
         tie_whitening_rate_to_lr: float | None = None,
         sync: Literal["batch", "none"] | None = None,
@@ -80,17 +88,20 @@ class WhiteningCallback(Callback):
                 "WhiteningCallback: tie_whitening_rate_to_lr must be a positive ratio, got "
                 f"{tie_whitening_rate_to_lr!r}"
             )
-        self.convert_kwargs: dict[str, Any] = {
-            "layer": layer,
-            "include": include,
-            "exclude": exclude,
-            "min_channels": min_channels,
-            "placement": placement,
-            "stages": list(stages) if stages is not None else None,
-            "frozen": frozen,
-            "respect_conv_groups": respect_conv_groups,
+        #: The conversion this callback applies (and stores in checkpoints).
+        self.spec = ConversionSpec.of(
+            layer,
+            include=include,
+            exclude=exclude,
+            types=types,
+            min_channels=min_channels,
+            placement=placement,
+            stages=stages,
+            frozen=frozen,
+            respect_conv_groups=respect_conv_groups,
+            insert=insert,
             **dict(layer_options or {}),
-        }
+        )
         self.scheduler = LayerScheduler(schedules)
         if tie_whitening_rate_to_lr is not None and any(
             LayerScheduler.split(k)[0] == "whitening_rate" for k in self.scheduler.schedules
@@ -104,8 +115,7 @@ class WhiteningCallback(Callback):
         self.log_report = log_report
         self.report: ConversionReport | None = None
         self._converted: Any = None  # the module converted (setup runs once per trainer.fn)
-        self._restored_values: dict[str, float] = {}
-        self._nonfinite_seen: dict[str, int] = {}
+        self._skipped_seen: dict[str, dict[str, int]] = {}
 
     # -- conversion --------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -113,14 +123,23 @@ class WhiteningCallback(Callback):
         # the callback is stateful.)
         if self._converted is pl_module:
             return
+        if trainer.ckpt_path:
+            # Lightning loads the weights after setup, with an error that names keys, not the
+            # cause: look at the checkpoint first (memory-mapped, weights only).
+            check_resume(load_checkpoint(trainer.ckpt_path, mmap=True), self.spec)
         _configure_model(trainer, pl_module)
-        self.report = convert(pl_module, **self.convert_kwargs)
+        example = getattr(pl_module, "example_input_array", None)
+        example = example if isinstance(example, Tensor) else None
+        if example is not None:
+            example = example.to(pl_module.device)
+        self.report = convert(pl_module, self.spec, example_input=example)
         self._converted = pl_module
-        layers = [m for m in pl_module.modules() if isinstance(m, WhiteningNorm)]
+        layers = [m for m in pl_module.modules() if family_of(m) is not None]
         if self.sync is not None:
             for m in layers:
-                m.sync = self.sync
-        known = {cls.__name__: list(cls.schedulable) for cls in LAYERS.values()}
+                if hasattr(m, "sync"):
+                    m.sync = self.sync
+        known = {f.layer.__name__: list(f.schedulable) for f in families().values()}
         self.scheduler.bind(pl_module, known_attributes=known)
         if self.tie_whitening_rate_to_lr is not None and not any(
             isinstance(m, SWBN) for m in layers
@@ -129,20 +148,15 @@ class WhiteningCallback(Callback):
                 "WhiteningCallback: tie_whitening_rate_to_lr is set but the model has no SWBN "
                 "layer (layer='swbn')"
             )
-        if self.report.num_replaced == 0:
-            rank_zero_warn(
-                "WhiteningCallback: no normalization layer was converted; see the report "
-                "(every skipped layer has a reason)"
-            )
         if self.log_report:
             self._log_report(trainer)
 
     def _log_report(self, trainer: pl.Trainer) -> None:
         assert self.report is not None
         if trainer.is_global_zero:
-            from rich.console import Console
+            from ..surgery.report import render_table
 
-            Console().print(self.report.table())
+            print(render_table(self.report.table()), end="")
         counts = {f"whiten/{k}": v for k, v in self.report.counts().items()}
         counts["whiten/layer"] = self.report.layer
         for logger in trainer.loggers:
@@ -187,53 +201,53 @@ class WhiteningCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    # -- non-finite batches -------------------------------------------------------------------
+    # -- skipped batches -----------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._nonfinite_seen = nonfinite_batches(pl_module)
+        self._skipped_seen = {key: read(pl_module) for key, (_, read) in _SKIP_COUNTERS.items()}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # One host synchronization per epoch. Layers on CPU have already warned at the batch.
-        seen = self._nonfinite_seen
-        counts = nonfinite_batches(pl_module)
-        skipped = {
-            name: count - seen.get(name, 0)
-            for name, count in counts.items()
-            if count > seen.get(name, 0)
-            and pl_module.get_submodule(name).check_finite
-            and not warns_at_batch(pl_module.get_submodule(name).nonfinite_batches.device)
-        }
-        if skipped:
-            listed = ", ".join(f"{name} ({n})" for name, n in skipped.items())
-            rank_zero_warn(
-                f"WhiteningCallback: epoch {trainer.current_epoch}: training batches with "
-                f"non-finite statistics were skipped by the running statistics of {listed}",
-                category=RuntimeWarning,
-            )
+        # A host synchronization per counter and epoch. Layers on CPU have already warned.
+        for key, (what, read) in _SKIP_COUNTERS.items():
+            seen = self._skipped_seen.get(key, {})
+            skipped = {}
+            for name, count in read(pl_module).items():
+                layer = pl_module.get_submodule(name)
+                new = count - seen.get(name, 0)
+                if (
+                    new > 0
+                    and layer.check_finite
+                    and not warns_at_batch(getattr(layer, key).device)
+                ):
+                    skipped[name] = new
+            if skipped:
+                listed = ", ".join(f"{name} ({n})" for name, n in skipped.items())
+                rank_zero_warn(
+                    f"WhiteningCallback: epoch {trainer.current_epoch}: training batches with "
+                    f"{what} were skipped by the running statistics of {listed}",
+                    category=RuntimeWarning,
+                )
 
     # -- checkpoints -------------------------------------------------------------------------
-    @property
-    def spec(self) -> dict[str, Any] | None:
-        return self.report.spec if self.report is not None else None
-
     def state_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "values": dict(self.scheduler.current)}
+        return {"spec": self.spec.to_dict(), "values": dict(self.scheduler.current)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         stored = state_dict.get("spec")
-        if stored is not None and self.spec is not None and stored != self.spec:
-            rank_zero_warn(
-                "WhiteningCallback: the checkpoint was written with another conversion "
-                f"({stored}) than this callback's ({self.spec})"
-            )
-        self._restored_values = dict(state_dict.get("values", {}))
-        self.scheduler.current.update(self._restored_values)
+        if stored is not None:
+            stored = ConversionSpec.from_dict(stored)
+            if stored != self.spec:
+                rank_zero_warn(
+                    "WhiteningCallback: the checkpoint was written with another conversion "
+                    f"({stored.to_dict()}) than this callback's ({self.spec.to_dict()})"
+                )
+        self.scheduler.current.update(dict(state_dict.get("values", {})))
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.report is not None:
             checkpoint[CHECKPOINT_KEY] = {
-                "spec": self.report.spec,
+                "spec": self.spec.to_dict(),
                 "report": self.report.to_dict(),
                 # Values that schedules (or the lr tie) moved away from the spec's options, so
                 # load_converted rebuilds the layers as they were, not as they started.
@@ -251,3 +265,10 @@ def _configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
         ):
             pl_module.configure_model()
     rank_zero_info("WhiteningCallback: converting normalization layers")
+
+
+#: Per-layer counters of batches kept out of the running statistics, and what they count.
+_SKIP_COUNTERS = {
+    "nonfinite_batches": ("non-finite statistics", nonfinite_batches),
+    "diverged_batches": ("a diverged whitening matrix", diverged_batches),
+}

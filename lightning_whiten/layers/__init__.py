@@ -1,10 +1,11 @@
-"""Whitening layers: drop-in replacements for BatchNorm that also decorrelate channels."""
+"""Normalization layers: whitening drop-in replacements for BatchNorm, and their fused
+activation counterparts. Each layer file registers its family (see :mod:`lightning_whiten.registry`)."""
 
-from .base import RunningWhiteningNorm, WhiteningNorm
-from .dbn import DBN
-from .iternorm import IterNorm
-from .norm_act import DBNAct, IterNormAct, NormActMixin, SWBNAct, norm_act_class
-from .swbn import SWBN
+from .base import RunningWhiteningNorm, WhiteningNorm, layer_options
+from .dbn import DBN, DBNAct
+from .iternorm import IterNorm, IterNormAct
+from .norm_act import NormActMixin, norm_act_class
+from .swbn import SWBN, SWBNAct
 
 __all__ = [
     "DBN",
@@ -16,5 +17,6 @@ __all__ = [
     "RunningWhiteningNorm",
     "SWBNAct",
     "WhiteningNorm",
+    "layer_options",
     "norm_act_class",
 ]

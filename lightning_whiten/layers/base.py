@@ -2,22 +2,57 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
 from ..distributed import SYNC_MODES, SyncMode, resolve_process_group
+from ..functional import (
+    GroupLayout,
+    MatrixMap,
+    WhitenResult,
+    full_precision,
+    group_layout,
+    grouped_affine,
+    valid_mask,
+    whiten,
+)
+from ..functional._backend import compiling
 
-__all__ = ["RunningWhiteningNorm", "WhiteningNorm"]
+if TYPE_CHECKING:
+    from ..surgery.source import Origin
+
+__all__ = ["RunningWhiteningNorm", "WhiteningNorm", "layer_options"]
 
 _FLOAT_BUFFER_DTYPES = (torch.float32, torch.float64)
+# Constructor arguments that describe the module being replaced rather than a choice of method.
+_STRUCTURAL = ("num_features", "device", "dtype", "act", "drop")
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+def layer_options(cls: type[nn.Module]) -> dict[str, Any]:
+    """``{option: default}`` of a layer class's keyword options, from its constructor signatures.
+
+    Walks the class hierarchy because layers declare only their own options and pass the rest
+    on as keywords (``**kwargs``); the most derived declaration of an option wins. Structural
+    arguments (``num_features``, ``device``, ``dtype``, ``act``, ``drop``) are left out;
+    options without a default map to ``inspect.Parameter.empty``.
+    """
+    options: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is nn.Module or klass is object:
+            continue
+        parameters = list(inspect.signature(init).parameters.values())[1:]
+        for p in parameters:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in _STRUCTURAL:
+                continue
+            options.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break  # this constructor takes nothing further up the hierarchy
+    return options
 
 
 def warns_at_batch(device: torch.device) -> bool:
@@ -34,9 +69,9 @@ class WhiteningNorm(nn.Module):
 
     In training, an input ``(N, C, *spatial)`` is whitened per group of ``group_size`` channels
     with its batch mean and covariance, then scaled and shifted per channel by ``weight`` and
-    ``bias``. In eval, a fixed affine map from the running buffers is applied. Subclasses only
-    define how the whitening matrix follows from the batch covariance and what they keep as
-    running state.
+    ``bias``. In eval, a fixed affine map from the running buffers is applied
+    (:meth:`inference_map`). Subclasses define how the whitening matrix follows from the batch
+    covariance (:meth:`_matrix_map`) and what they keep as running state.
 
     It deliberately does not subclass ``torch.nn.modules.batchnorm._BatchNorm``: Lightning's
     ``sync_batchnorm=True`` and ``SyncBatchNorm.convert_sync_batchnorm`` convert every such
@@ -49,21 +84,35 @@ class WhiteningNorm(nn.Module):
     Non-finite batches: if a training batch gives a non-finite mean, covariance or whitening
     matrix (a diverged Newton iteration), every running buffer (and SWBN's whitening matrix) is
     left unchanged -- without a host synchronization -- and the ``nonfinite_batches`` buffer
-    counts the skipped batch. With ``check_finite=True``
-    (the default) a ``RuntimeWarning`` names the layer: at once on CPU (outside
-    ``torch.compile``), and at the end of the training epoch from :class:`WhiteningCallback` on
-    accelerators, where reading the flag every step would synchronize the host with the device.
-    The output is non-finite too, so the loss shows it (and AMP's gradient scaler skips the step
-    as usual).
+    counts the skipped batch. With ``check_finite=True`` (the default) a ``RuntimeWarning``
+    names the layer: at once on CPU (outside ``torch.compile``), and at the end of the training
+    epoch from :class:`WhiteningCallback` on accelerators, where reading the flag every step
+    would synchronize the host with the device. The output is non-finite too, so the loss shows
+    it (and AMP's gradient scaler skips the step as usual).
+
+    Args (keyword-only here; every layer declares its own defaults for ``group_size`` and the
+    options it adds, and passes these on):
+        num_features: channels ``C``.
+        group_size: channels per group; the last group is smaller when it does not divide
+            ``num_features``; clamped to ``num_features``; ``None`` means the layer's default.
+        eps, momentum: see each layer; ``momentum=None`` is a cumulative average, as in BN.
+        affine: learn per-channel ``weight`` and ``bias``.
+        track_running_stats: keep running buffers for eval; without them eval uses batch
+            statistics.
+        sync: ``"batch"`` reduces statistics across processes under ``torch.distributed``
+            (no-op in a single process); ``"none"`` keeps them per process.
+        check_finite: warn when a training batch is non-finite (its statistics are dropped and
+            counted in ``nonfinite_batches`` either way).
     """
 
-    #: Default channels per group.
-    default_group_size: ClassVar[int] = 64
+    #: Version of the state-dict layout; older checkpoints are migrated in
+    #: :meth:`_load_from_state_dict` (see :meth:`_migrate_state`).
+    _version: ClassVar[int] = 1
     #: Attributes that may change between steps (schedules): structural ones such as
     #: ``group_size`` may not, they shape the buffers.
     schedulable: ClassVar[tuple[str, ...]] = ("eps", "momentum")
     #: Whether eval output can equal a BatchNorm's that uses batch statistics in eval.
-    _exact_without_running_stats: ClassVar[bool] = False
+    exact_without_running_stats: ClassVar[bool] = False
     #: Warn (once) when a training batch has fewer samples than channels per group: the
     #: covariance is then rank-deficient and an exact inverse square root (DBN) amplifies the
     #: directions without data by up to 1/sqrt(eps).
@@ -72,7 +121,8 @@ class WhiteningNorm(nn.Module):
     def __init__(
         self,
         num_features: int,
-        group_size: int | None = None,
+        *,
+        group_size: int | None,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
@@ -85,9 +135,9 @@ class WhiteningNorm(nn.Module):
         super().__init__()
         name = type(self).__name__
         if group_size is None:
-            group_size = self.default_group_size
+            group_size = layer_options(type(self))["group_size"]
         try:
-            layout = F.group_layout(num_features, group_size)
+            layout = group_layout(num_features, group_size)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         if sync not in SYNC_MODES:
@@ -107,50 +157,73 @@ class WhiteningNorm(nn.Module):
         self.check_finite = check_finite
         #: Process group used when ``sync="batch"`` (``None``: the default world group).
         self.process_group: Any = None
-        #: Qualified name in a model, set by :func:`lightning_whiten.convert` for messages.
-        self.qualified_name: str | None = None
-        #: How to rebuild the module this layer replaced (set by ``convert``, used by ``export``).
-        self.converted_from: Any = None
+        #: Where model surgery put this layer: its qualified name and the module it replaced
+        #: (set by :func:`lightning_whiten.convert`, read by messages and ``export``).
+        self.origin: Origin | None = None
 
         factory = {"device": device, "dtype": dtype}
-        buffer_factory = {"device": device, "dtype": _buffer_dtype(dtype)}
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        buffers = {"device": device, "dtype": statistics_dtype(dtype)}
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **buffer_factory))
+            self.register_buffer("running_mean", torch.empty(num_features, **buffers))
             self.register_buffer(
                 "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
             )
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("num_batches_tracked", None)
-        self.register_buffer("group_mask", F.valid_mask(layout, device), persistent=False)
+        self.register_buffer("group_mask", valid_mask(layout, device), persistent=False)
         #: Training batches skipped for non-finite statistics, counted on the layer's device
         #: (so that counting never synchronizes with the host); not saved in the state_dict.
         self.register_buffer(
             "nonfinite_batches", torch.zeros((), dtype=torch.long, device=device), persistent=False
         )
+        #: Training batches whose whitening matrix diverged (finite but far outside what the
+        #: method can produce: Newton's iteration in float32 at large ``iterations``, SWBN's
+        #: online update at too large a rate), likewise kept out of the running statistics.
+        self.register_buffer(
+            "diverged_batches", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
+        self._register_state(buffers)
         self._rank_deficiency_warned = False  # see _warns_rank_deficient
+        self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------
     # Hooks for subclasses
     # ----------------------------------------------------------------------------------------
-    def _matrix_map(self) -> F.MatrixMap:
+    def _register_state(self, factory: dict[str, Any]) -> None:
+        """Register the method's own buffers (uninitialized: :meth:`reset_running_stats` fills
+        them). ``factory`` holds the statistics' device and dtype."""
+
+    def _reset_state(self) -> None:
+        """Reset the method's own buffers (called by :meth:`reset_running_stats`)."""
+
+    def _matrix_map(self) -> MatrixMap:
         """The covariance -> whitening matrix map of this method (differentiable, small)."""
         raise NotImplementedError
 
-    def _inference_map(self) -> tuple[Tensor, Tensor]:
-        """``(matrix (G, d, d), offset (C,))`` of the eval-time map from the running buffers."""
+    def inference_map(self) -> tuple[Tensor, Tensor]:
+        """The eval-time map as ``(matrices (G, d, d), offset (C,))``: eval output is
+        ``weight * (A_g (x_g - offset_g)) + bias`` per group (``A`` block-diagonal)."""
         raise NotImplementedError
 
     def _update_state(
-        self, stats: F.WhitenResult, matrix: Tensor, factor: Tensor, finite: Tensor
-    ) -> None:
-        """Update method-specific state after a training batch (guarded by ``finite``)."""
+        self, stats: WhitenResult, matrix: Tensor, factor: Tensor, finite: Tensor
+    ) -> Tensor | None:
+        """Update method-specific state after a training batch (guarded by ``finite``: the
+        batch's statistics are usable). May return a flag: the method rejected its own update
+        of this batch as diverged (counted in ``diverged_batches``)."""
+        return None
+
+    def _diverged(self, stats: WhitenResult, matrix: Tensor) -> Tensor | None:
+        """A device-side flag: the batch's whitening matrix is finite but diverged, so the
+        batch must stay out of every running statistic (``None``: the method cannot diverge)."""
+        return None
 
     def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
         """Initialize the running state so that eval equals BatchNorm with these statistics."""
@@ -162,12 +235,45 @@ class WhiteningNorm(nn.Module):
         # Frozen BatchNorms have no momentum: the layer's own default applies then.
         return {"momentum": bn.momentum} if hasattr(bn, "momentum") else {}
 
+    def _migrate_state(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        """Rewrite ``state_dict`` entries saved by layout ``version`` (< ``_version``) in place."""
+
+    # ----------------------------------------------------------------------------------------
+    # Initialization (as torch's _NormBase)
+    # ----------------------------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        """Running statistics back to their initial values (eval is then the identity map up
+        to ``eps``); also clears the non-finite batch count."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.num_batches_tracked.zero_()
+        self.nonfinite_batches.zero_()
+        self.diverged_batches.zero_()
+        self._reset_state()
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset, ``weight = 1``, ``bias = 0``."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
+        version = local_metadata.get("version", 1)
+        if version < self._version:
+            self._migrate_state(state_dict, prefix, version)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     # ----------------------------------------------------------------------------------------
     # Layout helpers
     # ----------------------------------------------------------------------------------------
     @property
-    def layout(self) -> F.GroupLayout:
-        return F.group_layout(self.num_features, self.group_size)
+    def layout(self) -> GroupLayout:
+        return group_layout(self.num_features, self.group_size)
 
     @property
     def num_groups(self) -> int:
@@ -196,12 +302,12 @@ class WhiteningNorm(nn.Module):
     def describe(self) -> str:
         """Short name for messages: the qualified name if known, else the class and options."""
         base = f"{type(self).__name__}({self.num_features}, group_size={self.group_size})"
-        return f"{base} at '{self.qualified_name}'" if self.qualified_name else base
+        return f"{base} at '{self.origin.name}'" if self.origin is not None else base
 
     # ----------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------
-    def _check_input(self, x: Tensor, batch_stats: bool) -> None:
+    def _check_input(self, x: Tensor, batch_stats: bool, synced: bool = False) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{self.describe()}: expected a Tensor input, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
@@ -218,7 +324,9 @@ class WhiteningNorm(nn.Module):
                 f"{self.describe()}: expected {self.num_features} channels (num_features) in "
                 f"dim 1, got input of shape {tuple(x.shape)}"
             )
-        if batch_stats:
+        # Synced across processes, what counts is the global batch (checked after the
+        # reduction, see _normalize), as SyncBatchNorm does.
+        if batch_stats and not synced:
             samples = x.numel() // self.num_features
             if samples < 2:
                 raise ValueError(
@@ -243,23 +351,32 @@ class WhiteningNorm(nn.Module):
         return self._normalize(x, batch_stats=True, update=False, affine=False)
 
     def _normalize(self, x: Tensor, batch_stats: bool, update: bool, affine: bool) -> Tensor:
-        self._check_input(x, batch_stats)
+        group = None
+        if batch_stats and update:
+            group = resolve_process_group(self.sync, self.process_group)
+        self._check_input(x, batch_stats, synced=group is not None)
         cdtype = self._compute_dtype(x)
-        with F._no_autocast(x):
+        with full_precision(x):
             xf = x.to(cdtype)
             weight = self.weight.to(cdtype) if affine and self.weight is not None else None
             bias = self.bias.to(cdtype) if affine and self.bias is not None else None
             if batch_stats:
-                group = resolve_process_group(self.sync, self.process_group) if update else None
-                if update and self._warns_rank_deficient and not torch.compiler.is_compiling():
+                if update and self._warns_rank_deficient and not compiling():
                     self._warn_if_rank_deficient(x, group)
-                result = F.whiten(xf, self._matrix_map(), self.group_size, weight, bias, group)
+                result = whiten(xf, self._matrix_map(), self.group_size, weight, bias, group)
+                # Only a rank with a one-sample batch reads the global count (no sync else).
+                local_one = group is not None and x.numel() < 2 * self.num_features
+                if local_one and float(result.count) < 2:
+                    raise ValueError(
+                        f"{self.describe()}: batch statistics need more than one sample "
+                        "per channel group across all processes, got one in total"
+                    )
                 if update:
-                    self._update(result, result.matrix)
+                    self._update(result, result.matrix, x)
                 y = result.output
             else:
-                matrix, offset = self._inference_map()
-                y = F.grouped_affine(xf, matrix.to(cdtype), offset.to(cdtype), weight, bias)
+                matrix, offset = self.inference_map()
+                y = grouped_affine(xf, matrix.to(cdtype), offset.to(cdtype), weight, bias)
         return y.to(x.dtype)
 
     def _warn_if_rank_deficient(self, x: Tensor, group: Any) -> None:
@@ -280,7 +397,7 @@ class WhiteningNorm(nn.Module):
             )
 
     @torch.no_grad()
-    def _update(self, moments: F.WhitenResult, matrix: Tensor) -> None:
+    def _update(self, moments: WhitenResult, matrix: Tensor, x: Tensor) -> None:
         # The matrix too: Newton's iteration can diverge (large T in float32) on a finite
         # covariance, and one NaN matrix would poison the running average for good.
         finite = (
@@ -288,8 +405,10 @@ class WhiteningNorm(nn.Module):
             & torch.isfinite(moments.mean).all()
             & torch.isfinite(matrix).all()
         )
+        diverged = self._diverged(moments, matrix)
+        usable = finite if diverged is None else finite & ~diverged
         if self.track_running_stats:
-            self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+            self.num_batches_tracked.add_(usable.to(self.num_batches_tracked.dtype))
         if self.momentum is None:
             # Cumulative moving average, as torch's BatchNorm with momentum=None.
             steps = (
@@ -304,22 +423,41 @@ class WhiteningNorm(nn.Module):
                 (), float(self.momentum), dtype=moments.mean.dtype, device=moments.mean.device
             )
         if self.track_running_stats:
-            _lerp_(self.running_mean, moments.mean, factor, finite)
-        self._update_state(moments, matrix.detach(), factor, finite)
+            lerp_(self.running_mean, moments.mean, factor, usable)
+        rejected = self._update_state(moments, matrix.detach(), factor, usable)
+        if rejected is not None:
+            diverged = rejected if diverged is None else diverged | rejected
         self.nonfinite_batches.add_((~finite).to(self.nonfinite_batches.dtype))
-        if (
-            self.check_finite
-            and warns_at_batch(finite.device)
-            and not _is_compiling()
-            and not bool(finite)
-        ):
+        if diverged is not None:
+            self.diverged_batches.add_((finite & diverged).to(self.diverged_batches.dtype))
+        if not (self.check_finite and warns_at_batch(finite.device) and not compiling()):
+            return
+        if not bool(finite):
+            largest = float(x.detach().abs().amax()) if x.numel() else 0.0
+            cause = (
+                "the input has NaN/inf values"
+                if largest != largest or largest == float("inf")
+                else f"the input is finite but as large as {largest:.3g}, which overflows the "
+                "float32 covariance (normalize or rescale the input)"
+                if largest > 1e15
+                else "the mean, covariance or whitening matrix is NaN/inf"
+            )
             warnings.warn(
-                f"{self.describe()}: non-finite values in the training batch (mean, covariance "
-                "or whitening matrix is NaN/inf); running statistics were left unchanged for "
-                "this batch",
+                f"{self.describe()}: non-finite statistics in the training batch ({cause}); "
+                "running statistics were left unchanged for this batch",
                 RuntimeWarning,
                 stacklevel=4,
             )
+        elif diverged is not None and bool(diverged):
+            warnings.warn(
+                f"{self.describe()}: {self._divergence_hint()}; running statistics were left "
+                "unchanged for this batch",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _divergence_hint(self) -> str:
+        return "the whitening matrix of this batch diverged"
 
     # ----------------------------------------------------------------------------------------
     # Conversion from BatchNorm
@@ -365,7 +503,7 @@ class WhiteningNorm(nn.Module):
             )
         if (
             not tracks
-            and not cls._exact_without_running_stats
+            and not cls.exact_without_running_stats
             and "track_running_stats" not in kwargs
         ):
             raise ValueError(
@@ -436,7 +574,8 @@ class WhiteningNorm(nn.Module):
         return []
 
 
-def _buffer_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+def statistics_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of running statistics for a module of ``dtype``: at least float32."""
     if dtype is None or dtype in _FLOAT_BUFFER_DTYPES:
         return dtype
     return torch.float32
@@ -453,30 +592,35 @@ def _check_momentum(name: str, momentum: float | None) -> None:
         raise ValueError(f"{name}: momentum must be a number in [0, 1] or None, got {momentum!r}")
 
 
-def _lerp_(buffer: Tensor, new: Tensor, factor: Tensor, finite: Tensor) -> None:
+def lerp_(buffer: Tensor, new: Tensor, factor: Tensor, finite: Tensor) -> None:
     """``buffer <- (1 - factor) buffer + factor new`` unless the batch was non-finite (no sync)."""
     updated = torch.lerp(buffer, new.to(buffer.dtype), factor.to(buffer.dtype))
     buffer.copy_(torch.where(finite, updated, buffer))
 
 
 class RunningWhiteningNorm(WhiteningNorm):
-    """A whitening layer whose eval map is a momentum average of its batch whitening matrices
-    (IterNorm, DBN): ``running_whitening <- (1 - momentum) running_whitening + momentum W``,
-    eval ``y = weight * running_whitening (x - running_mean) + bias``."""
+    """A whitening layer whose eval map is a running whitening matrix: by default the momentum
+    average of its batch whitening matrices (IterNorm, as the paper),
+    ``running_whitening <- (1 - momentum) running_whitening + momentum W``; DBN derives it
+    from a running covariance instead. Eval: ``y = weight * running_whitening (x -
+    running_mean) + bias``."""
 
-    def _register_running_whitening(self, device: Any) -> None:
+    def _register_state(self, factory: dict[str, Any]) -> None:
         if self.track_running_stats:
-            factory: dict[str, Any] = {"device": device, "dtype": self.running_mean.dtype}
             self.register_buffer("running_whitening", self._identity_matrices(**factory))
         else:
             self.register_buffer("running_whitening", None)
 
-    def _inference_map(self) -> tuple[Tensor, Tensor]:
+    def _reset_state(self) -> None:
+        if self.running_whitening is not None:
+            self.running_whitening.copy_(self._identity_matrices())
+
+    def inference_map(self) -> tuple[Tensor, Tensor]:
         return self.running_whitening, self.running_mean
 
     def _update_state(self, stats, matrix, factor, finite) -> None:
         if self.track_running_stats:
-            _lerp_(self.running_whitening, matrix, factor, finite)
+            lerp_(self.running_whitening, matrix, factor, finite)
 
     def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
         # BatchNorm's eval map is diag((var + eps)^-1/2) (x - mean): its eps is folded in here.

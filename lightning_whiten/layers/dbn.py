@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
+from torch import Tensor
 
-from .. import functional as F
-from ..distributed import SyncMode
-from .base import RunningWhiteningNorm
+from ..functional import MatrixMap, ZCAMap, canonicalize
+from ..functional._backend import compiling
+from ..registry import NormFamily, register_family
+from .base import RunningWhiteningNorm, lerp_, warns_at_batch
+from .norm_act import NormActMixin
 
-__all__ = ["DBN"]
+#: Relative size (to the trace) below which an eigenvalue of a batch covariance counts as zero.
+_RANK_TOLERANCE = 1e-6
+
+__all__ = ["DBN", "DBNAct"]
 
 
 class DBN(RunningWhiteningNorm):
@@ -22,14 +31,21 @@ class DBN(RunningWhiteningNorm):
 
     The output covariance is the identity (up to ``eps``). The backward pass uses the divided
     differences of ``lambda^-1/2`` in closed form, so it stays finite and exact when eigenvalues
-    repeat (autograd through ``eigh`` would divide by ``lambda_i - lambda_j``). The running
-    whitening matrix is averaged with ``momentum`` and eval applies
-    ``running_whitening (x - running_mean)``.
+    repeat (autograd through ``eigh`` would divide by ``lambda_i - lambda_j``).
+
+    Eval: the running covariance (unbiased, averaged with ``momentum`` as BatchNorm averages its
+    variance) gives the eval map ``running_whitening = (running_cov + eps I)^-1/2``, updated
+    after each training batch; eval applies ``running_whitening (x - running_mean)``. The matrix
+    of the mean covariance, not the mean of each batch's matrix: when a covariance is
+    rank-deficient (duplicated or constant channels, e.g. grayscale images copied to RGB), each
+    batch's ZCA matrix boosts a different, random direction of its null space by up to
+    ``1/sqrt(eps)``, and an average of those matrices amplifies real data in eval.
 
     Args:
         num_features: channels ``C``.
         group_size: channels per group (default 16, the paper's).
-        eps, momentum, affine, track_running_stats, sync, check_finite: as in :class:`IterNorm`.
+        eps, momentum, affine, track_running_stats, sync, check_finite, device, dtype: as in
+            :class:`IterNorm` (keyword-only; ``eps=1e-5``, ``momentum=0.1``).
 
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; output the same
@@ -38,41 +54,105 @@ class DBN(RunningWhiteningNorm):
     Note:
         A training batch needs at least ``group_size`` samples per group (``N*H*W`` for images)
         or its covariance is rank-deficient and ZCA amplifies noise by up to ``1/sqrt(eps)``;
-        the layer warns once when that happens.
+        the layer warns once when that happens, and once (on CPU) when a batch covariance is
+        numerically rank-deficient (an eigenvalue below ``1e-6`` of its trace).
 
         ``torch.linalg.eigh`` synchronizes with the host on CUDA; prefer :class:`IterNorm` or
         :class:`SWBN` where that matters.
     """
 
-    default_group_size = 16
     _warns_rank_deficient = True  # an exact inverse square root: see WhiteningNorm
+    #: Version 2 keeps ``running_cov`` (version 1 averaged the batch matrices themselves).
+    _version = 2
 
-    def __init__(
-        self,
-        num_features: int,
-        group_size: int = 16,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        sync: SyncMode = "batch",
-        check_finite: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features,
-            group_size,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            sync,
-            check_finite,
-            device,
-            dtype,
+    def __init__(self, num_features: int, group_size: int | None = 16, **kwargs: Any) -> None:
+        super().__init__(num_features, group_size=group_size, **kwargs)
+        self._null_space_warned = False
+
+    def _matrix_map(self) -> MatrixMap:
+        return ZCAMap(self.eps, self.group_mask)
+
+    def _register_state(self, factory: dict[str, Any]) -> None:
+        super()._register_state(factory)
+        if self.track_running_stats:
+            self.register_buffer("running_cov", self._identity_matrices(**factory))
+        else:
+            self.register_buffer("running_cov", None)
+
+    def _reset_state(self) -> None:
+        # As BatchNorm's reset (running_var = 1): eval is x / sqrt(1 + eps).
+        if self.running_cov is not None:
+            self.running_cov.copy_(self._identity_matrices())
+            self._refresh_eval_map()
+
+    @torch.no_grad()
+    def _refresh_eval_map(self) -> None:
+        cov = self.running_cov.to(torch.float64)
+        matrix, _ = ZCAMap(self.eps, self.group_mask).forward(cov, self.group_mask)
+        self.running_whitening.copy_(matrix)
+
+    def _update_state(self, stats, matrix, factor, finite) -> Tensor | None:
+        if not compiling() and not self._null_space_warned and warns_at_batch(matrix.device):
+            self._warn_if_null_space(stats.cov, matrix)
+        if self.track_running_stats:
+            n = stats.count
+            unbiased = canonicalize(stats.cov * (n / (n - 1).clamp_min(1)), self.group_mask)
+            lerp_(self.running_cov, unbiased, factor, finite)
+            self._refresh_eval_map()
+        return None
+
+    def _warn_if_null_space(self, cov: Tensor, matrix: Tensor) -> None:
+        # ||W||_F^2 = sum 1 / (lambda_i + eps) >= 1 / (lambda_min + eps): above 1 / (tol tr + eps)
+        # an eigenvalue is (nearly) below tol * trace. No eigendecomposition needed.
+        trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+        gain = matrix.square().sum((-1, -2))
+        if bool((gain * (_RANK_TOLERANCE * trace + self.eps) > 1).any()):
+            self._null_space_warned = True
+            warnings.warn(
+                f"{self.describe()}: a training batch covariance is numerically rank-deficient "
+                f"(an eigenvalue below {_RANK_TOLERANCE:g} of its trace: duplicated or constant "
+                "channels, e.g. grayscale images copied to RGB). ZCA whitening amplifies those "
+                f"directions by up to 1/sqrt(eps) = {(1 / self.eps) ** 0.5:.0f}x in training; eval "
+                "uses the running covariance and is not affected. A smaller group_size or "
+                "IterNorm (whose truncated iteration bounds the gain) avoids it.",
+                UserWarning,
+                stacklevel=5,
+            )
+
+    def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
+        # BatchNorm's eval map is diag(var + eps)^-1/2: the running covariance is its variance
+        # shifted by the difference of the two eps, so eval is the same function.
+        self.running_mean.copy_(mean)
+        shifted = var.to(torch.float64) + (eps - self.eps)
+        if bool((shifted < 0).any()):
+            warnings.warn(
+                f"{self.describe()}.from_batchnorm: eps={self.eps:g} exceeds running_var + eps "
+                f"of the BatchNorm ({eps:g}) in {int((shifted < 0).sum())} channel(s); their eval "
+                "output changes (use a smaller eps to keep the converted model the same function)",
+                UserWarning,
+                stacklevel=4,
+            )
+        self.running_cov.copy_(
+            canonicalize(self._diag_matrices(shifted.clamp_min(0)), self.group_mask)
         )
-        self._register_running_whitening(device)
+        self._refresh_eval_map()
 
-    def _matrix_map(self) -> F.MatrixMap:
-        return F.ZCAMap(self.eps, self.group_mask)
+    def _migrate_state(self, state_dict: dict[str, Any], prefix: str, version: int) -> None:
+        # Version 1 kept only the average of the batch whitening matrices W. Its covariance,
+        # W^-2 - eps I (W is symmetric positive definite), starts the running covariance; the
+        # stored W itself is kept, so eval is unchanged until the next training batch.
+        key = prefix + "running_whitening"
+        if version < 2 and key in state_dict and prefix + "running_cov" not in state_dict:
+            w = state_dict[key].to(torch.float64)
+            evals, evecs = torch.linalg.eigh(w)
+            cov_evals = (evals.clamp_min(torch.finfo(w.dtype).tiny) ** -2 - self.eps).clamp_min(0)
+            cov = (evecs * cov_evals.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+            mask = None if self.group_mask is None else self.group_mask.to(cov.device)
+            state_dict[prefix + "running_cov"] = canonicalize(cov, mask).to(state_dict[key].dtype)
+
+
+class DBNAct(NormActMixin, DBN):
+    """:class:`DBN` followed by ``drop`` and ``act`` (replaces timm's ``BatchNormAct2d``)."""
+
+
+register_family(NormFamily("dbn", DBN, act_layer=DBNAct, description=__doc__))

@@ -1,9 +1,10 @@
-"""Whitening layers fused with an activation, the counterparts of timm's ``BatchNormAct2d``.
+"""Normalization layers fused with an activation, the counterparts of timm's ``BatchNormAct2d``.
 
 timm fuses BatchNorm with its activation (and an optional drop layer) in one module whose
 ``weight``/``bias`` live at the top level. Replacing it with a plain normalization would silently
-drop the activation, and wrapping it would rename the parameters; these classes keep both the
-behaviour (``act(drop(norm(x)))``) and the parameter names.
+drop the activation, and wrapping it would rename the parameters; ``class MyNormAct(NormActMixin,
+MyNorm)`` keeps both the behaviour (``act(drop(norm(x)))``) and the parameter names. Each layer
+file defines its own (``IterNormAct`` beside ``IterNorm``) and registers it with its family.
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .base import WhiteningNorm
-from .dbn import DBN
-from .iternorm import IterNorm
-from .swbn import SWBN
-
-__all__ = ["DBNAct", "IterNormAct", "NormActMixin", "SWBNAct", "norm_act_class"]
+__all__ = ["NormActMixin", "norm_act_class"]
 
 
 class NormActMixin:
-    """Adds ``drop`` and ``act`` submodules applied after the whitening layer's output."""
+    """Adds ``drop`` and ``act`` submodules applied after the normalization layer's output."""
 
     def __init__(
         self,
@@ -39,32 +35,19 @@ class NormActMixin:
         return self.act(self.drop(super().forward(x)))  # type: ignore[misc]
 
 
-class IterNormAct(NormActMixin, IterNorm):
-    """:class:`IterNorm` followed by ``drop`` and ``act`` (replaces timm's ``BatchNormAct2d``)."""
+def norm_act_class(layer_class: type[nn.Module]) -> type[nn.Module]:
+    """The activation-carrying counterpart of a normalization layer class.
 
-
-class DBNAct(NormActMixin, DBN):
-    """:class:`DBN` followed by ``drop`` and ``act`` (replaces timm's ``BatchNormAct2d``)."""
-
-
-class SWBNAct(NormActMixin, SWBN):
-    """:class:`SWBN` followed by ``drop`` and ``act`` (replaces timm's ``BatchNormAct2d``)."""
-
-
-_BUILTIN: dict[type, type] = {IterNorm: IterNormAct, DBN: DBNAct, SWBN: SWBNAct}
-
-
-def norm_act_class(layer_class: type[WhiteningNorm]) -> type[WhiteningNorm]:
-    """The activation-carrying counterpart of a whitening layer class.
-
-    Built-in layers map to :class:`IterNormAct`, :class:`DBNAct`, :class:`SWBNAct`; a layer
-    class that already carries an activation is returned as is. Custom subclasses of
-    :class:`WhiteningNorm` get a subclass built on the fly: define your own
-    ``class MyNormAct(NormActMixin, MyNorm)`` instead if the model must be pickled whole.
+    A registered family's ``act_layer`` (``IterNorm`` -> ``IterNormAct``); a class that already
+    carries an activation is returned as is; for other classes a subclass is built on the fly
+    (define ``class MyNormAct(NormActMixin, MyNorm)`` at module level instead if the model must
+    be pickled whole, and register it as your family's ``act_layer``).
     """
+    from ..registry import family_of
+
     if issubclass(layer_class, NormActMixin):
         return layer_class
-    for base, act_class in _BUILTIN.items():
-        if layer_class is base:
-            return act_class
+    family = family_of(layer_class)
+    if family is not None and family.layer is layer_class and family.act_layer is not None:
+        return family.act_layer
     return type(f"{layer_class.__name__}Act", (NormActMixin, layer_class), {"__module__": __name__})

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import functional as F
-from ..distributed import SyncMode
-from .base import WhiteningNorm, _lerp_
+from ..functional import MatrixMap, StandardizeMap, SWBNCriterion, canonicalize, swbn_update
+from ..functional._backend import snapshot
+from ..registry import NormFamily, register_family
+from .base import WhiteningNorm, lerp_
+from .norm_act import NormActMixin
 
-__all__ = ["SWBN"]
+__all__ = ["SWBN", "SWBNAct"]
 
 
 class SWBN(WhiteningNorm):
@@ -41,68 +43,74 @@ class SWBN(WhiteningNorm):
         num_features: channels ``C``.
         group_size: channels per group (default 64, as IterNorm's, so the two compare at equal
             group size; the paper does not prescribe one).
-        whitening_rate: step size alpha of the online update (default 1e-5, the paper's).
+        whitening_rate: step size alpha of the online update (default 1e-5, the paper's); keep
+            ``whitening_rate * group_size < 1`` (warned otherwise): beyond, the update of W grows
+            for strongly correlated channels; a diverging update is rejected (``diverged_batches``).
         criterion: ``"kl"`` (default) or ``"fro"``.
         eps: added to the variance (default 1e-8, the paper's).
         momentum: running mean/var factor (default 0.05 per step, the paper's), or ``None``.
-        affine, track_running_stats, sync, check_finite: as in :class:`IterNorm`.
+        affine, track_running_stats, sync, check_finite, device, dtype: as in :class:`IterNorm`.
+
+    ``eps`` and the options after it are keyword-only.
     """
 
-    default_group_size = 64
     schedulable = ("eps", "momentum", "whitening_rate")
-    _exact_without_running_stats = True
+    exact_without_running_stats = True
 
     def __init__(
         self,
         num_features: int,
-        group_size: int = 64,
+        group_size: int | None = 64,
         whitening_rate: float = 1e-5,
-        criterion: F.SWBNCriterion = "kl",
+        criterion: SWBNCriterion = "kl",
+        *,
         eps: float = 1e-8,
         momentum: float | None = 0.05,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        sync: SyncMode = "batch",
-        check_finite: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_features,
-            group_size,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            sync,
-            check_finite,
-            device,
-            dtype,
-        )
         if criterion not in ("kl", "fro"):
             raise ValueError(f"SWBN: criterion must be 'kl' or 'fro', got {criterion!r}")
+        super().__init__(num_features, group_size=group_size, eps=eps, momentum=momentum, **kwargs)
         self.whitening_rate = whitening_rate
         self.criterion = criterion
-        factory: dict[str, Any] = {"device": device, "dtype": _matrix_dtype(dtype)}
+
+    def _register_state(self, factory: dict[str, Any]) -> None:
         self.register_buffer("whitening", self._identity_matrices(**factory))
-        if track_running_stats:
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
+        if self.track_running_stats:
+            self.register_buffer("running_var", torch.empty(self.num_features, **factory))
         else:
             self.register_buffer("running_var", None)
 
+    def _reset_state(self) -> None:
+        self.whitening.copy_(self._identity_matrices())
+        if self.running_var is not None:
+            self.running_var.fill_(1.0)
+
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "whitening_rate" and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
-        ):
-            raise ValueError(f"SWBN: whitening_rate must be a number >= 0, got {value!r}")
+        if name == "whitening_rate":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"SWBN: whitening_rate must be a number >= 0, got {value!r}")
+            size = self.__dict__.get("group_size")
+            if size and value * size >= 1 and not self.__dict__.get("_rate_warned", False):
+                super().__setattr__("_rate_warned", True)
+                warnings.warn(
+                    f"SWBN: whitening_rate={value:g} with groups of {size} channels is at or above "
+                    f"the stable range (whitening_rate * group_size < 1): for strongly "
+                    "correlated channels the online update of W grows instead of converging; "
+                    "diverging updates are rejected (counted in diverged_batches). The paper "
+                    "uses 1e-5.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         super().__setattr__(name, value)
 
-    def _matrix_map(self) -> F.MatrixMap:
-        # The W applied here is saved for the backward; _update_state gives the buffer a new
-        # tensor instead of writing into this one, so the backward always sees this W.
-        return F.StandardizeMap(self.eps, self.whitening, self.group_mask)
+    def _matrix_map(self) -> MatrixMap:
+        # The backward needs the W applied here, and _update_state then writes the buffer in
+        # place (so it keeps its identity for DDP's broadcast, EMA and SWA): the node gets a
+        # snapshot, which a compiled backward cannot recompute from the updated buffer.
+        return StandardizeMap(self.eps, snapshot(self.whitening), self.group_mask)
 
-    def _inference_map(self) -> tuple[Tensor, Tensor]:
+    def inference_map(self) -> tuple[Tensor, Tensor]:
         inv_std = self._grouped((self.running_var + self.eps).rsqrt())
         return self.whitening * inv_std.unsqueeze(-2), self.running_mean
 
@@ -118,26 +126,27 @@ class SWBN(WhiteningNorm):
         var = cov.diagonal(dim1=-2, dim2=-1)
         inv_std = (var + self.eps).rsqrt()
         # Padding back to exactly I: (1 + eps)^-1 there would enter the "fro" step size.
-        cov_std = F.canonicalize(
-            cov * inv_std.unsqueeze(-1) * inv_std.unsqueeze(-2), self.group_mask
-        )
-        new_w = F.swbn_update(
-            self.whitening.to(cov.dtype),
-            cov_std,
-            self.whitening_rate,
-            self.criterion,
-            self.group_mask,
-        )
-        # Rebind the buffer to a new tensor rather than copy_ into it: the backward of this
-        # step needs the W that was applied, and under torch.compile an in-place update of a
-        # tensor the backward depends on is read back after the update (the compiled backward
-        # recomputes cheap values from the mutated buffer; eager would only raise a version
-        # error). The buffer stays registered, so state_dict, .to() and checkpoints see it.
-        self.whitening = torch.where(finite, new_w.to(self.whitening.dtype), self.whitening)
+        cov_std = canonicalize(cov * inv_std.unsqueeze(-1) * inv_std.unsqueeze(-2), self.group_mask)
+        old_w = self.whitening.to(cov.dtype)
+        new_w = swbn_update(old_w, cov_std, self.whitening_rate, self.criterion, self.group_mask)
+        # An update that diverges (too large a rate) makes W S W^T grow geometrically while it
+        # stays finite: keep W when the update more than doubles it beyond the identity's norm.
+        d = new_w.shape[-1]
+        before = _gram_norm(old_w, cov_std).clamp_min(d**0.5)
+        rejected = (_gram_norm(new_w, cov_std) > 2 * before).any() & finite
+        accept = finite & ~rejected
+        self.whitening.copy_(torch.where(accept, new_w.to(self.whitening.dtype), self.whitening))
         if self.track_running_stats:
             n = moments.count
             unbiased = var.reshape(-1)[: self.num_features] * (n / (n - 1).clamp_min(1))
-            _lerp_(self.running_var, unbiased, factor, finite)
+            lerp_(self.running_var, unbiased, factor, finite)
+        return rejected
+
+    def _divergence_hint(self) -> str:
+        return (
+            f"the online update of W diverged (whitening_rate={self.whitening_rate:g}; keep it "
+            f"below 1 / group_size = {1 / self.group_size:g}) and was rejected"
+        )
 
     def _set_running_stats(self, mean: Tensor, var: Tensor, eps: float) -> None:
         self.running_mean.copy_(mean)
@@ -162,5 +171,13 @@ class SWBN(WhiteningNorm):
         return [f"whitening_rate={self.whitening_rate}", f"criterion={self.criterion!r}"]
 
 
-def _matrix_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    return dtype if dtype in (None, torch.float32, torch.float64) else torch.float32
+class SWBNAct(NormActMixin, SWBN):
+    """:class:`SWBN` followed by ``drop`` and ``act`` (replaces timm's ``BatchNormAct2d``)."""
+
+
+register_family(NormFamily("swbn", SWBN, act_layer=SWBNAct, description=__doc__))
+
+
+def _gram_norm(w: Tensor, s: Tensor) -> Tensor:
+    """``||W S W^T||_F`` per group: the output covariance W gives a standardized batch."""
+    return torch.linalg.matrix_norm(w @ s @ w.transpose(-1, -2))

@@ -112,9 +112,8 @@ class _VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        # As the IterNorm authors' CIFAR VGG (huangleiBuaa/IterNorm-pytorch, cifar10/models/
+        # vgg.py): convolutions keep PyTorch's default init, the classifier is N(0, 0.01).
         nn.init.normal_(self.classifier.weight, 0, 0.01)
         nn.init.zeros_(self.classifier.bias)
 
@@ -151,11 +150,28 @@ def vgg_e(num_classes: int = 10) -> nn.Module:
     return _VGG(_VGG_E, num_classes)
 
 
-#: ``"cifar/<name>"`` backbones of :class:`lightning_whiten.ImageClassifier`.
+def _wrn28_10(num_classes: int = 10, dropout: float = 0.3) -> nn.Module:
+    return wide_resnet(28, 10, num_classes, dropout)
+
+
+def _wrn16_4(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    return wide_resnet(16, 4, num_classes, dropout)
+
+
+def _resnetv2_56(num_classes: int = 10) -> nn.Module:
+    return preact_resnet(56, num_classes)
+
+
+def _resnetv2_20(num_classes: int = 10) -> nn.Module:
+    return preact_resnet(20, num_classes)
+
+
+#: ``"cifar/<name>"`` backbones of :class:`lightning_whiten.ImageClassifier`; each takes
+#: ``num_classes`` and the options in its signature (``backbone_options``), nothing else.
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "wrn28_10": lambda num_classes, **kw: wide_resnet(28, 10, num_classes, kw.get("dropout", 0.3)),
-    "wrn16_4": lambda num_classes, **kw: wide_resnet(16, 4, num_classes, kw.get("dropout", 0.0)),
-    "vgg": lambda num_classes, **kw: vgg_e(num_classes),
-    "resnetv2_56": lambda num_classes, **kw: preact_resnet(56, num_classes),
-    "resnetv2_20": lambda num_classes, **kw: preact_resnet(20, num_classes),
+    "wrn28_10": _wrn28_10,
+    "wrn16_4": _wrn16_4,
+    "vgg": vgg_e,
+    "resnetv2_56": _resnetv2_56,
+    "resnetv2_20": _resnetv2_20,
 }

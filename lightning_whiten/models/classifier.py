@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -92,7 +93,15 @@ def create_backbone(
                 raise ValueError(
                     "cifar backbones have no downloadable weights: pass checkpoint_path"
                 )
-            model = CIFAR_MODELS[arch](num_classes, **options)
+            factory = CIFAR_MODELS[arch]
+            accepted = [p for p in inspect.signature(factory).parameters if p != "num_classes"]
+            unknown = sorted(set(options) - set(accepted))
+            if unknown:
+                raise TypeError(
+                    f"backbone {name!r} does not take the option(s) {unknown} in backbone_options "
+                    f"(it takes: {', '.join(accepted) or 'none'})"
+                )
+            model = factory(num_classes, **options)
         else:
             raise ValueError(
                 f"backbone {name!r}: unknown library {library!r} (timm, torchvision or cifar)"
@@ -171,6 +180,17 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(
                 f"ImageClassifier: lr_schedule must be 'cosine', 'step' or 'constant', got {lr_schedule!r}"
             )
+        checks = {  # option: (value, valid, requirement)
+            "lr": (lr, lr > 0, "> 0"),
+            "momentum": (momentum, 0 <= momentum < 1, "in [0, 1)"),
+            "weight_decay": (weight_decay, weight_decay >= 0, ">= 0"),
+            "warmup_epochs": (warmup_epochs, warmup_epochs >= 0, ">= 0"),
+            "gamma": (gamma, gamma > 0, "> 0"),
+            "label_smoothing": (label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+        }
+        for option, (value, valid, requirement) in checks.items():
+            if not valid:
+                raise ValueError(f"ImageClassifier: {option} must be {requirement}, got {value!r}")
         if lr_schedule == "step" and not milestones:
             raise ValueError("ImageClassifier: lr_schedule='step' needs milestones (epochs)")
         self.net = create_backbone(
@@ -204,7 +224,8 @@ class ImageClassifier(pl.LightningModule):
         logits = self(x)
         self.val_acc1(logits, y)
         self.val_acc5(logits, y)
-        self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=True)
+        # sync_dist: under DDP every rank evaluates a shard; the logged loss is their mean.
+        self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc1", self.val_acc1, prog_bar=True)
         self.log(f"{stage}/acc5", self.val_acc5)
 
@@ -217,6 +238,15 @@ class ImageClassifier(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x).softmax(-1)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights are loaded: a converted checkpoint resumed into the plain
+        # model fails here with the cause instead of a list of missing keys.
+        from ..checkpoint import check_resume
+        from ..registry import family_of
+
+        if not any(family_of(m) is not None for m in self.modules()):
+            check_resume(checkpoint, None)
 
     def configure_optimizers(self):
         h = self.hparams

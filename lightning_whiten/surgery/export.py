@@ -1,7 +1,8 @@
-"""``export``: turn every whitening layer into plain torch modules for deployment.
+"""``export``: turn every converted layer into plain torch modules for deployment.
 
-In eval, a whitening layer is the affine map ``y = A x + b`` with a block-diagonal ``A``
-(``weight * running_whitening`` per group) and ``b = bias - A running_mean``. ``export`` folds
+In eval, a whitening layer (or any layer whose family folds) is the affine map ``y = A x + b``
+with a block-diagonal ``A`` (``weight * running_whitening`` per group for whitening; diagonal
+for per-channel layers) and ``b = bias - A running_mean``. ``export`` folds
 that map into the convolution or linear layer that produces the layer's input, where that is
 exact, and puts back a normalization module of the original type holding identity statistics,
 so the exported model has the original architecture and its ``state_dict`` loads strictly into
@@ -18,11 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..layers import WhiteningNorm
+from ..functional import group_layout
 from ..layers.norm_act import NormActMixin
+from ..registry import family_of
+from .insert import NormalizedInput, fold_input_map
+from .source import NormSource
 from .trace import Segment, default_example_input, trace_inputs
 
-__all__ = ["ExportPlan", "export", "plan_export"]
+__all__ = ["ExportPlan", "eval_affine", "export", "fold_into_producer", "plan_export"]
 
 _LINEAR_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
 
@@ -30,7 +34,7 @@ _LINEAR_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.
 @dataclass
 class _Site:
     name: str
-    layer: WhiteningNorm
+    layer: nn.Module
     slots: list[tuple[nn.Module, str]]
     input_dim: int | None = None
     segments: list[Segment] | None = None  # the convolution(s)/linear producing its input
@@ -64,37 +68,84 @@ def _sites(model: nn.Module) -> list[_Site]:
     sites: dict[int, _Site] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         parents[name] = module
-        if isinstance(module, WhiteningNorm) and name:
-            parent, _, attr = name.rpartition(".")
-            if id(module) in sites:
-                sites[id(module)].slots.append((parents[parent], attr))
-            else:
-                sites[id(module)] = _Site(name, module, [(parents[parent], attr)])
+        family = family_of(module) if name else None
+        if family is None:
+            continue
+        parent, _, attr = name.rpartition(".")
+        if isinstance(parents[parent], NormalizedInput):
+            continue  # folded into the layer it feeds (see _fold_inserted)
+        if not family.folds:
+            raise ValueError(f"export: cannot export {describe(module)}: {family.export}")
+        if id(module) in sites:
+            sites[id(module)].slots.append((parents[parent], attr))
+        else:
+            sites[id(module)] = _Site(name, module, [(parents[parent], attr)])
     return list(sites.values())
 
 
-def _affine_map(layer: WhiteningNorm) -> tuple[Tensor, Tensor]:
-    """Dense ``(C, C)`` block-diagonal ``A`` and ``(C,)`` ``b`` of the layer's eval map, float64."""
-    if not layer.track_running_stats:
+def describe(layer: nn.Module) -> str:
+    """A layer for messages: its own description, or its class and name in the model."""
+    if callable(getattr(layer, "describe", None)):
+        return layer.describe()
+    origin = getattr(layer, "origin", None)
+    where = f" at '{origin.name}'" if origin is not None else ""
+    return f"{type(layer).__name__}{where}"
+
+
+def eval_affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """The eval-time map of a layer whose family folds, as a dense block-diagonal ``A``
+    ``(C, C)`` and ``b`` ``(C,)`` in float64: ``y = A x + b``.
+
+    From ``layer.inference_map() = (matrices (G, d, d), offset (C,))`` and the per-channel
+    ``weight``/``bias``: ``A = diag(weight) blockdiag(matrices)``, ``b = bias - A offset``.
+    """
+    if not getattr(layer, "track_running_stats", True):
         raise ValueError(
-            f"export: {layer.describe()} has no running statistics (track_running_stats=False); "
+            f"export: {describe(layer)} has no running statistics (track_running_stats=False); "
             "its eval output depends on the batch and has no fixed affine map"
         )
     with torch.no_grad():
-        matrices, offset = layer._inference_map()
+        matrices, offset = layer.inference_map()  # type: ignore[operator]
         matrices = matrices.double()
-        blocks = [matrices[g, :s, :s] for g, s in enumerate(layer.group_sizes)]
+        channels, size = offset.numel(), matrices.shape[-1]
+        blocks = [matrices[g, :s, :s] for g, s in enumerate(group_layout(channels, size).sizes)]
         a = torch.block_diag(*blocks)
-        if layer.weight is not None:
-            a = layer.weight.detach().double().unsqueeze(1) * a
+        weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+        if weight is not None:
+            a = weight.detach().double().unsqueeze(1) * a
         b = -a @ offset.double()
-        if layer.bias is not None:
-            b = b + layer.bias.detach().double()
+        if bias is not None:
+            b = b + bias.detach().double()
     return a, b
+
+
+def fold_into_producer(
+    weight: Tensor, bias: Tensor | None, matrix: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fold ``y = A z + b`` into the convolution/linear layer ``z = W x + c`` that produces its
+    input (as torch's ``fuse_conv_bn_weights`` does for BatchNorm).
+
+    Args:
+        weight: ``W``, ``(C_out, ...)`` (any convolution or linear weight).
+        bias: ``c`` ``(C_out,)`` or ``None``.
+        matrix: ``A`` ``(C_out, C_out)``.
+        shift: ``b`` ``(C_out,)``.
+
+    Returns:
+        ``(A W, A c + b)`` in float64, ``A W`` in ``weight``'s shape.
+    """
+    w = weight.detach().double()
+    folded = (matrix.double() @ w.reshape(w.shape[0], -1)).reshape(w.shape)
+    new_bias = shift.double().clone()
+    if bias is not None:
+        new_bias += matrix.double() @ bias.detach().double()
+    return folded, new_bias
 
 
 def _fold_reason(site: _Site) -> str | None:
     layer = site.layer
+    num_features = getattr(layer, "num_features", None)
+    group_sizes = tuple(getattr(layer, "group_sizes", None) or (1,) * int(num_features or 0))
     assert site.segments is not None
     for seg in site.segments:
         producer = seg.module
@@ -103,7 +154,7 @@ def _fold_reason(site: _Site) -> str | None:
             and type(producer).__name__ != "Conv2dSame"
         ):
             return f"{type(producer).__name__} is not a plain convolution/linear layer"
-    if sum(seg.size for seg in site.segments) != layer.num_features:
+    if sum(seg.size for seg in site.segments) != num_features:
         return "channel count differs from its producer's"
     # Every whitening group must lie inside one block of channels that a single producer
     # computes together (one convolution group), or the map cannot be folded into it.
@@ -113,37 +164,42 @@ def _fold_reason(site: _Site) -> str | None:
             bounds.append((start, start + width, seg))
             start += width
     start = 0
-    for size in layer.group_sizes:
+    for size in group_sizes:
         inside = [b for b in bounds if b[0] <= start and start + size <= b[1]]
         if not inside:
             owner = next(b for b in bounds if b[0] <= start < b[1])[2]
             groups = int(getattr(owner.module, "groups", 1))
             if groups > 1:
                 return (
-                    f"whitening groups of {layer.group_size} channels span the groups of a grouped "
+                    f"whitening groups of {max(group_sizes)} channels span the groups of a grouped "
                     f"convolution ({owner.size // groups} channels each): the conv keeps them "
                     "separate"
                 )
             return (
-                f"whitening groups of {layer.group_size} channels span the outputs of the "
+                f"whitening groups of {max(group_sizes)} channels span the outputs of the "
                 "concatenated convolutions"
             )
         start += size
-    source = layer.converted_from
+    source = _source(layer)
     holds_bias = source is None or source.affine or source.track_running_stats
     if not holds_bias and any(seg.module.bias is None for seg in site.segments):
         return "neither the restored normalization nor the producer has a bias to hold b"
     return None
 
 
+def _source(layer: nn.Module) -> NormSource | None:
+    origin = getattr(layer, "origin", None)
+    return None if origin is None else origin.source
+
+
 def _restored_norm(
-    layer: WhiteningNorm, bias: Tensor, device, dtype
+    layer: nn.Module, bias: Tensor, device, dtype
 ) -> tuple[nn.Module, Tensor | None]:
     """The original normalization module with identity statistics (and the folded bias).
 
     Returns the module and the part of the bias it could not hold (``None`` if all held).
     """
-    source = layer.converted_from
+    source = _source(layer)
     act = layer.act if isinstance(layer, NormActMixin) else None
     drop = layer.drop if isinstance(layer, NormActMixin) else None
     if source is None:
@@ -167,8 +223,9 @@ def _restored_norm(
         else:
             leftover = bias
         tracked = getattr(module, "num_batches_tracked", None)
-        if tracked is not None and layer.num_batches_tracked is not None:
-            tracked.copy_(layer.num_batches_tracked)
+        own = getattr(layer, "num_batches_tracked", None)
+        if tracked is not None and own is not None:
+            tracked.copy_(own)
     if act is not None:
         module.act = act
         module.drop = drop
@@ -176,22 +233,25 @@ def _restored_norm(
     return module, leftover
 
 
-def _one_by_one(layer: WhiteningNorm, a: Tensor, b: Tensor, input_dim: int | None) -> nn.Module:
+def _one_by_one(layer: nn.Module, a: Tensor, b: Tensor, input_dim: int | None) -> nn.Module:
     """A plain block-diagonal channel map for ``input_dim``-D inputs."""
-    c = layer.num_features
-    ref = layer.weight if layer.weight is not None else layer.running_mean
+    c = b.numel()
+    ref = next(iter(layer.parameters()), None)
+    if ref is None:
+        ref = next(t for t in layer.buffers() if t.is_floating_point())
     factory = {"device": ref.device, "dtype": ref.dtype}
     if input_dim is None:
         # Without a traced input, the replaced module's type tells the rank (BatchNorm2d: 4-D).
-        source = layer.converted_from
+        source = _source(layer)
         suffix = source.cls[-2:].lower() if source is not None else ""
         input_dim = {"2d": 4, "3d": 5}.get(suffix)
         if input_dim is None:
             raise ValueError(
-                f"export: cannot tell the input rank of {layer.describe()}; pass example_input"
+                f"export: cannot tell the input rank of {describe(layer)}; pass example_input"
             )
-    uniform = not layer.layout.padded
-    groups = layer.num_groups if uniform else 1
+    d = layer.inference_map()[0].shape[-1]  # type: ignore[operator]
+    uniform = c % d == 0
+    groups = c // d if uniform else 1
     if input_dim == 2:
         mapped: nn.Module = nn.Linear(c, c, **factory)
         weight = a
@@ -199,7 +259,6 @@ def _one_by_one(layer: WhiteningNorm, a: Tensor, b: Tensor, input_dim: int | Non
         conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[input_dim]
         mapped = conv(c, c, 1, groups=groups, **factory)
         if uniform:
-            d = layer.group_size
             weight = torch.cat([a[g * d : (g + 1) * d, g * d : (g + 1) * d] for g in range(groups)])
         else:
             weight = a
@@ -212,11 +271,28 @@ def _one_by_one(layer: WhiteningNorm, a: Tensor, b: Tensor, input_dim: int | Non
     return mapped
 
 
+def _inserted(model: nn.Module) -> list[tuple[str, NormalizedInput]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, NormalizedInput)]
+
+
+def _fold_inserted(model: nn.Module) -> None:
+    """Fold every inserted layer's eval map into the layer it feeds, and put that layer back."""
+    for name, wrapper in _inserted(model):
+        matrix, shift = eval_affine(wrapper.norm)
+        fold_input_map(wrapper.layer, matrix, shift)
+        wrapper.layer.train(wrapper.training)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, wrapper.layer)
+
+
 def plan_export(model: nn.Module, example_input: Tensor | None = None) -> ExportPlan:
     """Which whitening layers of ``model`` ``export(fold=True)`` can fold, without changing it."""
     sites = _sites(model)
     _plan(model, sites, example_input, fold=True)
-    return _plan_of(sites)
+    plan = _plan_of(sites)
+    for name, _ in _inserted(model):
+        plan.folded[f"{name}.norm"] = f"{name}.layer (its input side)"
+    return plan
 
 
 def _plan(model: nn.Module, sites: list[_Site], example_input: Tensor | None, fold: bool) -> None:
@@ -286,19 +362,22 @@ def export(
         was folded and all of them came from :func:`convert`, it has the original architecture.
     """
     target = model if inplace else copy.deepcopy(model)
-    sites = _sites(target)
-    if not sites:
+    if not _inserted(target) and not _sites(target):
         return target
+    original = copy.deepcopy(target) if inplace and check else model
+    _fold_inserted(target)
+    sites = _sites(target)
     if example_input is None:
         example_input = default_example_input(target)
-    original = None
-    if check and example_input is not None:
-        original = copy.deepcopy(target) if inplace else model
+    if not (check and example_input is not None):
+        original = None
     _plan(target, sites, example_input, fold)
 
     for s in sites:
-        a, b = _affine_map(s.layer)
-        ref = s.layer.weight if s.layer.weight is not None else s.layer.running_mean
+        a, b = eval_affine(s.layer)
+        ref = next(iter(s.layer.parameters()), None)
+        if ref is None:
+            ref = next(t for t in s.layer.buffers() if t.is_floating_point())
         if s.folds:
             assert s.segments is not None
             total_bias = b.clone()
@@ -307,12 +386,10 @@ def export(
                 # plan), so each producer absorbs its own diagonal block of A.
                 for seg in s.segments:
                     conv, part = seg.module, slice(seg.start, seg.start + seg.size)
-                    a_seg = a[part, part]
-                    w = conv.weight
-                    folded = (a_seg @ w.detach().double().reshape(w.shape[0], -1)).reshape(w.shape)
-                    w.copy_(folded.to(w.dtype))
-                    if conv.bias is not None:
-                        total_bias[part] += a_seg @ conv.bias.detach().double()
+                    folded, total_bias[part] = fold_into_producer(
+                        conv.weight, conv.bias, a[part, part], b[part]
+                    )
+                    conv.weight.copy_(folded.to(conv.weight.dtype))
             replacement, leftover = _restored_norm(s.layer, total_bias, ref.device, ref.dtype)
             with torch.no_grad():
                 for seg in s.segments:
