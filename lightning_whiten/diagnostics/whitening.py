@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import functional as F
-from .layers import IterNorm, WhiteningNorm
+from .. import functional as F
+from ..layers import IterNorm, WhiteningNorm
 
 __all__ = ["Whiteness", "batch_transform", "nonfinite_batches", "snd", "whiteness"]
 
