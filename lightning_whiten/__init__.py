@@ -15,6 +15,7 @@ __all__ = [
     "ImageClassifier",
     "IterNorm",
     "IterNormAct",
+    "NormalizationAnalysis",
     "SWBNAct",
     "WhiteningCallback",
     "WhiteningMonitor",
@@ -31,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The Lightning adapters are imported on first use: the core stays plain PyTorch.
-    if name in ("WhiteningCallback", "WhiteningMonitor"):
+    if name in ("NormalizationAnalysis", "WhiteningCallback", "WhiteningMonitor"):
         from . import callbacks
 
         return getattr(callbacks, name)
