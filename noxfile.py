@@ -42,3 +42,11 @@ def bench(session: nox.Session) -> None:
     """Layer- and model-level benchmarks; writes JSON to benchmarks/results/."""
     _sync(session)
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session
+def norm_study(session: nox.Session) -> None:
+    """Normalization study (init probes, landscape, covariate shift, convergence) on Digits;
+    writes benchmarks/results/norm_study.{json,md} and its plots."""
+    _sync(session)
+    session.run("python", "-m", "benchmarks.norm_study", *session.posargs)

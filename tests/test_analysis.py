@@ -289,6 +289,10 @@ def test_covariate_shift_is_zero_when_the_earlier_layers_do_not_move():
 
     layers = D.covariate_shift(net, nn.functional.cross_entropy, (x, y), optimizer, ["4", "8"])
     assert list(layers) == ["4", "8"] and layers["8"] == result["8"]
+    spread = D.covariate_shift(net, nn.functional.cross_entropy, (x, y), optimizer, max_layers=2)
+    assert spread == {"0": result["0"], "8": result["8"]}  # first and last
+    with pytest.raises(ValueError, match="max_layers must be an integer"):
+        D.covariate_shift(net, nn.functional.cross_entropy, (x, y), optimizer, max_layers=0)
     with pytest.raises(ValueError, match="no module named"):
         D.covariate_shift(net, nn.functional.cross_entropy, (x, y), optimizer, ["nope"])
     with pytest.raises(ValueError, match="own no trainable parameter"):

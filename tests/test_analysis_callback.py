@@ -60,7 +60,9 @@ def whitened(layer="swbn"):
 def test_analysis_logs_the_documented_keys(tmp_path, capsys):
     seed_everything(0)
     logger = RecordingLogger()
-    analysis = lw.NormalizationAnalysis(every_n_steps=4, step_sizes=(0.1, 0.2))
+    analysis = lw.NormalizationAnalysis(
+        every_n_steps=4, step_sizes=(0.1, 0.2), covariate_shift_max_layers=None
+    )
     fit(tmp_path, TinyClassifier(), [whitened("iternorm"), analysis], logger, data=loader())
     keys = set().union(*logger.metrics)
     for key in (
@@ -95,7 +97,11 @@ def test_analysis_does_not_change_training(tmp_path, case):
         else:
             model, callbacks, data = DropoutClassifier(), [], None
         if analysis:
-            callbacks.append(lw.NormalizationAnalysis(every_n_steps=2, summary=False))
+            callbacks.append(
+                lw.NormalizationAnalysis(
+                    every_n_steps=2, covariate_shift_max_layers=2, summary=False
+                )
+            )
         return fit(tmp_path / directory, model, callbacks, data=data)
 
     without, with_analysis = run("a", False), run("b", True)

@@ -64,7 +64,9 @@ class NormalizationAnalysis(Callback):
             (not again when the fit resumes from a checkpoint).
         step_sizes: ``eta`` grid of the landscape.
         covariate_shift_layers: names of the layers whose covariate shift is measured
-            (default: every convolution and linear layer; fewer is cheaper).
+            (default: the convolutions and linear layers).
+        covariate_shift_max_layers: at most this many of them, spread evenly over the depth
+            (first and last included; ``None``: all). Each costs a forward and backward pass.
         loss_fn: ``loss_fn(outputs, targets)`` -> scalar, or a name in
             ``torch.nn.functional`` (``"cross_entropy"``); default the module's ``criterion``
             if it has one (``ImageClassifier``), else cross-entropy.
@@ -78,12 +80,13 @@ class NormalizationAnalysis(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 500,
         landscape: bool = True,
         covariate_shift: bool = True,
         init_probes: bool = True,
         step_sizes: Sequence[float] = D.DEFAULT_STEP_SIZES,
         covariate_shift_layers: Sequence[str] | None = None,
+        covariate_shift_max_layers: int | None = 8,
         loss_fn: str | Callable[[Any, Any], Tensor] | None = None,
         batch_fn: Callable[[Any], tuple[Any, Any]] | None = None,
         module: str | None = None,
@@ -118,6 +121,7 @@ class NormalizationAnalysis(Callback):
         self.covariate_shift_layers = (
             list(covariate_shift_layers) if covariate_shift_layers is not None else None
         )
+        self.covariate_shift_max_layers = covariate_shift_max_layers
         self.loss_fn = loss_fn
         self.batch_fn = batch_fn
         self.module = module
@@ -243,7 +247,12 @@ class NormalizationAnalysis(Callback):
                 shift, ms = self._timed(
                     device,
                     lambda: D.covariate_shift(
-                        model, loss_fn, (x, y), optimizer, self.covariate_shift_layers
+                        model,
+                        loss_fn,
+                        (x, y),
+                        optimizer,
+                        self.covariate_shift_layers,
+                        self.covariate_shift_max_layers,
                     ),
                 )
                 total_ms += ms

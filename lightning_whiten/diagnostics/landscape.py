@@ -152,6 +152,7 @@ def covariate_shift(
     batch: tuple[Any, Any],
     optimizer: torch.optim.Optimizer,
     layers: Sequence[str] | None = None,
+    max_layers: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Internal covariate shift, Santurkar et al.'s Definition 2.1, at the current step.
 
@@ -179,11 +180,17 @@ def covariate_shift(
         optimizer: the optimizer that trains ``model``.
         layers: names (as in ``model.named_modules()``) of the layers to measure; default every
             convolution and linear layer with trainable weights.
+        max_layers: measure at most this many of them, spread evenly over the forward order
+            (the first and the last included): the cost grows with the number of layers.
 
     Returns:
         ``{layer name: {"l2": ..., "cosine": ..., "grad_norm": ||G_i||}}`` in forward order.
     """
     x, y = _split_batch(batch, "covariate_shift")
+    if max_layers is not None and (
+        isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1
+    ):
+        raise ValueError(f"covariate_shift: max_layers must be an integer >= 1, got {max_layers!r}")
     names = {id(m): n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
     if layers is None:
@@ -212,6 +219,14 @@ def covariate_shift(
             grads.extend(_loss_and_grads(model, loss_fn, x, y, params, "covariate_shift")[1])
 
         order = [m for m in _execution_order(model, first_pass) if _own_trainable(m)]
+        measured = [m for m in order if id(m) in wanted]
+        if max_layers is not None and len(measured) > max_layers:
+            if max_layers == 1:
+                picks = [0]
+            else:
+                last = len(measured) - 1
+                picks = sorted({round(i * last / (max_layers - 1)) for i in range(max_layers)})
+            wanted = {id(measured[i]) for i in picks}
         # The optimizer's update from G: set .grad (into the existing tensors), step, read.
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
