@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer, seed_everything
 from lightning_helpers import TinyClassifier, loader, make_data
 from test_callback import RecordingLogger
@@ -12,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_whiten as lw
+from lightning_whiten.cli import run
 
 
 class DropoutClassifier(pl.LightningModule):
@@ -142,3 +147,48 @@ def test_analysis_rejects_bad_options():
         lw.NormalizationAnalysis(step_sizes=(0.1, 0.0))
     with pytest.raises(ValueError, match=r"not a function of torch\.nn\.functional"):
         lw.NormalizationAnalysis(loss_fn="no_such_loss")
+
+
+def readme_blocks(language: str) -> list[str]:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("\n## Normalization analysis")
+    end = readme.find("\n## ", start + 1)
+    return re.findall(rf"```{language}\n(.*?)```", readme[start:end], flags=re.DOTALL)
+
+
+def test_readme_examples_run(tmp_path, capsys):
+    api, callback = readme_blocks("python")
+    namespace: dict = {}
+    exec(api, namespace)
+    assert set(namespace["shift"]) == {"0", "3", "8"} and namespace["shift"]["0"]["l2"] == 0.0
+    assert "Initialization probes" in capsys.readouterr().out
+    namespace.update({"Trainer": Trainer, "lw": lw})
+    exec(callback, namespace)
+    (analysis,) = [
+        c for c in namespace["trainer"].callbacks if isinstance(c, lw.NormalizationAnalysis)
+    ]
+    assert analysis.every_n_steps == 500
+
+    (example,) = readme_blocks("yaml")
+    config = yaml.safe_load(example)
+    config["trainer"].update(
+        {"max_steps": 2, "logger": False, "enable_progress_bar": False,
+         "default_root_dir": str(tmp_path), "accelerator": "cpu", "limit_val_batches": 0}
+    )  # fmt: skip
+    config["model"] = {
+        "class_path": "lightning_whiten.ImageClassifier",
+        "init_args": {"backbone": "cifar/resnetv2_20", "num_classes": 4},
+    }
+    config["data"] = {
+        "class_path": "lightning_whiten.data.SyntheticImages",
+        "init_args": {"num_classes": 4, "image_size": 16, "num_train": 16, "num_val": 8,
+                      "batch_size": 8},
+    }  # fmt: skip
+    config["seed_everything"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = run(["fit", "--config", str(path)])
+    (analysis,) = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormalizationAnalysis)]
+    assert [r["step"] for r in analysis.history] == [0]
+    assert len(analysis.history[0]["covariate_shift"]) == 8  # spread over the depth
+    assert "conv1" in analysis.init_result.layers  # names inside `net`
