@@ -283,7 +283,7 @@ def train_run(
 
 
 def training_study(
-    images: Tensor, labels: Tensor, steps: int, seeds: int, measure_every: int, quick: bool
+    images: Tensor, labels: Tensor, steps: int, seeds: int, measure_every: int
 ) -> dict:
     train, val = split(images, labels)
     settings = {
@@ -524,7 +524,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict) -> None:
+def plot(result: dict, prefix: str = "norm_study") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -556,7 +556,7 @@ def plot(result: dict) -> None:
         "probes)"
     )
     fig.tight_layout()
-    fig.savefig(RESULTS / "norm_study_init.png", dpi=72)
+    fig.savefig(RESULTS / f"{prefix}_init.png", dpi=72)
     plt.close(fig)
 
     training = result["training"]
@@ -600,21 +600,26 @@ def plot(result: dict) -> None:
         f"During training: {st['network']} on digits, SGD lr {st['lr']} (Santurkar et al.)"
     )
     fig.tight_layout()
-    fig.savefig(RESULTS / "norm_study_training.png", dpi=80)
+    fig.savefig(RESULTS / f"{prefix}_training.png", dpi=80)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer normalizers and steps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer normalizers and steps; writes norm_study_quick.* (not the committed results)",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="redo the markdown and plots from the JSON"
     )
     args = parser.parse_args(argv)
+    name = "norm_study_quick" if args.quick else "norm_study"
     if args.report_only:
-        result = json.loads((RESULTS / "norm_study.json").read_text())
-        (RESULTS / "norm_study.md").write_text(markdown(result) + "\n")
-        plot(result)
+        result = json.loads((RESULTS / f"{name}.json").read_text())
+        (RESULTS / f"{name}.md").write_text(markdown(result) + "\n")
+        plot(result, name)
         print(markdown(result))
         return 0
     start = time.perf_counter()
@@ -624,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     init = init_study(images, labels, batch_size, args.quick)
     print("2. during training", flush=True)
     steps, seeds = (40, 2) if args.quick else (150, 3)
-    training = training_study(images, labels, steps, seeds, 10 if args.quick else 15, args.quick)
+    training = training_study(images, labels, steps, seeds, 10 if args.quick else 15)
     result = {
         "environment": environment(torch.device("cpu")),
         "init_batch_size": batch_size,
@@ -634,12 +639,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["seconds"] = time.perf_counter() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "norm_study.json").write_text(json.dumps(result))
+    (RESULTS / f"{name}.json").write_text(json.dumps(result))
     text = markdown(result)
-    (RESULTS / "norm_study.md").write_text(text + "\n")
-    plot(result)
+    (RESULTS / f"{name}.md").write_text(text + "\n")
+    plot(result, name)
     print(text)
-    print(f"\nwrote {RESULTS}/norm_study.{{json,md}}, norm_study_{{init,training}}.png "
+    print(f"\nwrote {RESULTS}/{name}.{{json,md}}, {name}_{{init,training}}.png "
           f"in {result['seconds']:.0f}s")  # fmt: skip
     return 0
 

@@ -134,7 +134,8 @@ class ModelState:
     each name refers to, the plain attributes of the modules (flags, counters, ``training``),
     their lists, the ``.grad`` of every parameter, the CPU random number generator and those of
     the CUDA devices the model lives on; with an optimizer, its per-parameter state, its
-    hyperparameters, its flags and the values of the parameters it holds.
+    hyperparameters, its flags and the values of the parameters it holds. It holds a copy of
+    all of these (about the size of the model and its optimizer state).
 
     Args:
         model: the module.
