@@ -54,3 +54,11 @@ def oldest(session: nox.Session) -> None:
         "--resolution", "lowest-direct", "-e", ".", "--group", "dev",
     )  # fmt: skip
     session.run("pytest", "-q", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def norm_study(session: nox.Session) -> None:
+    """Normalization study (init probes, landscape, covariate shift, convergence) on Digits;
+    writes benchmarks/results/norm_study.{json,md} and its plots."""
+    _sync(session)
+    session.run("python", "-m", "benchmarks.norm_study", *session.posargs)

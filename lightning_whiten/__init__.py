@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "load_converted": "checkpoint",
     "WhiteningCallback": "callbacks",
     "WhiteningMonitor": "callbacks",
+    "NormalizationAnalysis": "callbacks",
     "ImageClassifier": "models",
 }
 _SUBMODULES = (
@@ -61,6 +62,7 @@ __all__ = [
     "IterNorm",
     "IterNormAct",
     "NormFamily",
+    "NormalizationAnalysis",
     "SWBNAct",
     "WhiteningCallback",
     "WhiteningMonitor",
@@ -95,7 +97,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
     from . import diagnostics, functional, registry, schedules, surgery
-    from .callbacks import WhiteningCallback, WhiteningMonitor
+    from .callbacks import NormalizationAnalysis, WhiteningCallback, WhiteningMonitor
     from .checkpoint import load_converted
     from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
     from .models import ImageClassifier

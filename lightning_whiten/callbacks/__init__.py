@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over the plain-PyTorch core."""
 
+from .analysis import NormalizationAnalysis
 from .monitor import WhiteningMonitor
 from .whitening import CHECKPOINT_KEY, WhiteningCallback
 
-__all__ = ["CHECKPOINT_KEY", "WhiteningCallback", "WhiteningMonitor"]
+__all__ = ["CHECKPOINT_KEY", "NormalizationAnalysis", "WhiteningCallback", "WhiteningMonitor"]

@@ -14,8 +14,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import functional as F
-from .layers import IterNorm, WhiteningNorm
+from ..functional import (
+    batch_covariance,
+    group_layout,
+    grouped_affine,
+    iternorm_matrix,
+    newton_residual,
+    valid_mask,
+    whitening_error,
+)
+from ..layers import IterNorm, WhiteningNorm
 
 __all__ = [
     "Whiteness",
@@ -43,7 +51,7 @@ def batch_transform(layer: nn.Module, x: Tensor, training: bool = True) -> Tenso
         if training or not layer.track_running_stats:  # no running buffers: eval uses the batch
             return layer.whiten_batch(x)
         matrix, offset = layer.inference_map()
-        return F.grouped_affine(x.to(matrix.dtype), matrix, offset).to(x.dtype)
+        return grouped_affine(x.to(matrix.dtype), matrix, offset).to(x.dtype)
     if isinstance(layer, _BatchNorm):
         if training or layer.running_mean is None:
             return nn.functional.batch_norm(x, None, None, None, None, training=True, eps=layer.eps)
@@ -169,10 +177,10 @@ def whiteness(layer: nn.Module, inputs: Tensor, group_size: int | None = None) -
         group_size = layer.group_size if isinstance(layer, WhiteningNorm) else channels
     x = inputs.to(torch.float64)
     output = batch_transform(layer, inputs).to(torch.float64)
-    layout = F.group_layout(channels, group_size)
-    valid = F.valid_mask(layout, inputs.device)
-    cov_out = F.batch_covariance(output, group_size).cov
-    cov_in = F.batch_covariance(x, group_size).cov
+    layout = group_layout(channels, group_size)
+    valid = valid_mask(layout, inputs.device)
+    cov_out = batch_covariance(output, group_size).cov
+    cov_in = batch_covariance(x, group_size).cov
     evals = torch.linalg.eigvalsh(cov_in)
     condition = evals[..., -1] / evals[..., 0].clamp_min(torch.finfo(evals.dtype).tiny)
     if valid is not None:  # the padded last group: its identity block is not part of the data
@@ -181,9 +189,9 @@ def whiteness(layer: nn.Module, inputs: Tensor, group_size: int | None = None) -
         condition[-1] = last[-1] / last[0].clamp_min(torch.finfo(last.dtype).tiny)
     residual = None
     if isinstance(layer, IterNorm):
-        matrix = F.iternorm_matrix(cov_in, layer.iterations, layer.eps, layer.method, valid)
-        residual = F.newton_residual(cov_in, matrix, layer.eps, valid)
-    return Whiteness(F.whitening_error(cov_out, valid), condition, residual)
+        matrix = iternorm_matrix(cov_in, layer.iterations, layer.eps, layer.method, valid)
+        residual = newton_residual(cov_in, matrix, layer.eps, valid)
+    return Whiteness(whitening_error(cov_out, valid), condition, residual)
 
 
 def nonfinite_batches(model: nn.Module) -> dict[str, int]:
