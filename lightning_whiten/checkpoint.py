@@ -38,21 +38,30 @@ def load_checkpoint(
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} is not a file")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ValueError(
-            f"checkpoint {os.fspath(path)!r} ({size} bytes) cannot be read: it is truncated, "
-            f"corrupted or not a torch checkpoint ({type(err).__name__}: {err})"
-        ) from err
+    except UNREADABLE as err:
+        raise unreadable(path, err) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} holds a {type(checkpoint).__name__}, not a dict"
         )
     return checkpoint
+
+
+#: What ``torch.load`` raises for a file that is empty, truncated or not a checkpoint.
+UNREADABLE = (EOFError, OSError, RuntimeError, pickle.UnpicklingError)
+
+
+def unreadable(path: str | os.PathLike, err: BaseException) -> ValueError:
+    """The error for a checkpoint file that cannot be read, saying what is wrong with it."""
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size == 0:
+        return ValueError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")
+    return ValueError(
+        f"checkpoint {os.fspath(path)!r} ({size} bytes) cannot be read: it is truncated, "
+        f"corrupted or not a torch checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})"
+    )
 
 
 def conversion_spec(checkpoint: dict[str, Any], *, trusted: bool = False) -> ConversionSpec:

@@ -102,13 +102,15 @@ def test_a_diverged_newton_batch_stays_out_of_the_running_statistics(monkeypatch
 
 def test_swbn_fro_update_at_too_large_a_rate_is_rejected_not_blown_up():
     gen = torch.Generator().manual_seed(0)
-    mix = torch.randn(64, 64, generator=gen) * 0.3 + torch.eye(64)  # strongly correlated
     with pytest.warns(UserWarning, match=r"whitening_rate=0.05 .* stable range"):
         layer = lw.SWBN(64, group_size=64, whitening_rate=0.05, criterion="fro")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # rejected updates are reported
         for _ in range(40):
-            layer(torch.randn(256, 64, generator=gen) @ mix)
+            # every channel shares one factor: the standardized covariance has an eigenvalue
+            # near 64, and an unguarded update grew |W| to 1e7 in these 40 steps
+            common = torch.randn(256, 1, generator=gen)
+            layer(common + 0.3 * torch.randn(256, 64, generator=gen))
     assert layer.whitening.abs().max() < 100  # it reached 1e9 before
     assert int(layer.diverged_batches) > 0
 
@@ -131,8 +133,10 @@ class NaNOnce(nn.Module):
         self.step, self.calls = step, 0
 
     def forward(self, x):
+        if not self.training:  # e.g. the forward that convert traces
+            return x
         self.calls += 1
-        return x * float("nan") if self.calls == self.step and self.training else x
+        return x * float("nan") if self.calls == self.step else x
 
 
 def test_monitor_survives_a_nan_batch(tmp_path):

@@ -48,8 +48,8 @@ def test_monitor_logs_the_documented_keys(tmp_path, capsys):
         ):
             assert f"whiten/{layer}/{metric}" in keys, (layer, metric)
     assert "net.1" in capsys.readouterr().out  # summary table
-    # 2 epochs x 6 batches, every 3rd batch sampled; SND once per epoch
-    assert len(monitor.step_ms) == 4
+    # 2 epochs x 6 batches: the 2nd batch and every 3rd batch sampled; SND once per epoch
+    assert len(monitor.step_ms) == 5
     assert sum("whiten/net.1/snd" in m for m in logger.metrics) == 2
     step = [m for m in logger.metrics if "whiten/overhead_pct" in m]
     for m in step:

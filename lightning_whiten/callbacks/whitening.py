@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from ..checkpoint import CHECKPOINT_KEY, check_resume, layer_attributes, load_checkpoint
+from ..checkpoint import CHECKPOINT_KEY, UNREADABLE, check_resume, layer_attributes, unreadable
 from ..diagnostics import diverged_batches, nonfinite_batches
 from ..layers import SWBN
 from ..layers.base import warns_at_batch
@@ -123,10 +123,7 @@ class WhiteningCallback(Callback):
         # the callback is stateful.)
         if self._converted is pl_module:
             return
-        if trainer.ckpt_path:
-            # Lightning loads the weights after setup, with an error that names keys, not the
-            # cause: look at the checkpoint first (memory-mapped, weights only).
-            check_resume(load_checkpoint(trainer.ckpt_path, mmap=True), self.spec)
+        self._check_checkpoints(trainer)
         _configure_model(trainer, pl_module)
         example = getattr(pl_module, "example_input_array", None)
         example = example if isinstance(example, Tensor) else None
@@ -150,6 +147,33 @@ class WhiteningCallback(Callback):
             )
         if self.log_report:
             self._log_report(trainer)
+
+    def _check_checkpoints(self, trainer: pl.Trainer) -> None:
+        """Make a checkpoint that does not fit the conversion fail with the cause.
+
+        Lightning reads a resumed checkpoint after ``setup`` through its strategy and then loads
+        the weights, with errors that name a file format or state-dict keys, not the cause. The
+        strategy's ``load_checkpoint`` is wrapped until ``teardown``: an unreadable file says
+        so, and a checkpoint of another conversion (or none) is refused, naming both.
+        """
+        strategy = trainer.strategy
+        if "load_checkpoint" in vars(strategy):
+            return  # already wrapped (setup runs once per stage)
+        original = strategy.load_checkpoint
+        spec = self.spec
+
+        def load_checkpoint(checkpoint_path, *args, **kwargs):
+            try:
+                checkpoint = original(checkpoint_path, *args, **kwargs)
+            except UNREADABLE as err:
+                raise unreadable(checkpoint_path, err) from err
+            check_resume(checkpoint, spec)
+            return checkpoint
+
+        strategy.load_checkpoint = load_checkpoint
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        vars(trainer.strategy).pop("load_checkpoint", None)
 
     def _log_report(self, trainer: pl.Trainer) -> None:
         assert self.report is not None

@@ -16,7 +16,6 @@ padding"), and ``valid`` (``(G, d)`` bool, or ``None``) marks the real channels.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -334,8 +333,20 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-@contextlib.contextmanager
-def full_precision(t: Tensor) -> Iterator[None]:
+class _HighestMatmulPrecision:
+    """Full float32 matrix products inside, the user's setting restored on exit."""
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_float32_matmul_precision()
+        if self.previous != "highest":
+            torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous != "highest":
+            torch.set_float32_matmul_precision(self.previous)
+
+
+def full_precision(t: Tensor) -> contextlib.AbstractContextManager:
     """Covariance math at full precision on the device of ``t``, whatever the user set.
 
     Autocast is disabled there (statistics and iterations stay in float32/float64 whatever the
@@ -352,18 +363,11 @@ def full_precision(t: Tensor) -> Iterator[None]:
         else contextlib.nullcontext()
     )
     if compiling():
-        with autocast:
-            yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    if previous != "highest":
-        torch.set_float32_matmul_precision("highest")
-    try:
-        with autocast:
-            yield
-    finally:
-        if previous != "highest":
-            torch.set_float32_matmul_precision(previous)
+        return autocast
+    stack = contextlib.ExitStack()
+    stack.enter_context(_HighestMatmulPrecision())
+    stack.enter_context(autocast)
+    return stack
 
 
 @torch.library.custom_op("lightning_whiten::snapshot", mutates_args=())

@@ -384,7 +384,7 @@ class WhiteningNorm(nn.Module):
             return
         processes = torch.distributed.get_world_size(group) if group is not None else 1
         samples = x.numel() // self.num_features * processes
-        if samples < self.group_size:
+        if samples <= self.group_size:  # centered: rank at most samples - 1
             self._rank_deficiency_warned = True
             warnings.warn(
                 f"{self.describe()}: {samples} samples per batch for groups of "

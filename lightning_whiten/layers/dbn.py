@@ -11,7 +11,8 @@ from torch import Tensor
 from ..functional import MatrixMap, ZCAMap, canonicalize
 from ..functional._backend import compiling
 from ..registry import NormFamily, register_family
-from .base import RunningWhiteningNorm, lerp_, warns_at_batch
+from . import base
+from .base import RunningWhiteningNorm, lerp_
 from .norm_act import NormActMixin
 
 #: Relative size (to the trace) below which an eigenvalue of a batch covariance counts as zero.
@@ -92,7 +93,14 @@ class DBN(RunningWhiteningNorm):
         self.running_whitening.copy_(matrix)
 
     def _update_state(self, stats, matrix, factor, finite) -> Tensor | None:
-        if not compiling() and not self._null_space_warned and warns_at_batch(matrix.device):
+        # A host read: on CPU only (an accelerator would stall), once, and not when the
+        # warning about too few samples per group has already said why.
+        if (
+            not self._null_space_warned
+            and not self._rank_deficiency_warned
+            and base.warns_at_batch(matrix.device)
+            and not compiling()
+        ):
             self._warn_if_null_space(stats.cov, matrix)
         if self.track_running_stats:
             n = stats.count
