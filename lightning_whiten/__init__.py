@@ -3,6 +3,7 @@
 from . import diagnostics, functional, schedules
 from .checkpoint import load_converted
 from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
+from .sam import NormSAM
 from .surgery import ConversionReport, convert, export
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __all__ = [
     "ImageClassifier",
     "IterNorm",
     "IterNormAct",
+    "NormSAM",
+    "NormSAMCallback",
     "SWBNAct",
     "WhiteningCallback",
     "WhiteningMonitor",
@@ -31,7 +34,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The Lightning adapters are imported on first use: the core stays plain PyTorch.
-    if name in ("WhiteningCallback", "WhiteningMonitor"):
+    if name in ("WhiteningCallback", "WhiteningMonitor", "NormSAMCallback"):
         from . import callbacks
 
         return getattr(callbacks, name)

@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over the plain-PyTorch core."""
 
 from .monitor import WhiteningMonitor
+from .sam import NormSAMCallback
 from .whitening import CHECKPOINT_KEY, WhiteningCallback
 
-__all__ = ["CHECKPOINT_KEY", "WhiteningCallback", "WhiteningMonitor"]
+__all__ = ["CHECKPOINT_KEY", "NormSAMCallback", "WhiteningCallback", "WhiteningMonitor"]
