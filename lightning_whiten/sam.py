@@ -30,14 +30,16 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Literal
+from contextlib import nullcontext
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .layers import WhiteningNorm
 
-__all__ = ["NormSAM", "is_normalization_layer", "normalization_buffers"]
+__all__ = ["NormSAM", "average_gradients", "is_normalization_layer", "normalization_buffers"]
 
 ParamsChoice = Literal["norm", "all", "no_norm"]
 PARAMS_CHOICES: tuple[str, ...] = ("norm", "all", "no_norm")
@@ -127,6 +129,41 @@ def select_parameters(model: nn.Module, params: ParamsChoice) -> list[tuple[str,
         if params == "all" or (params == "norm") == is_norm:
             chosen.append((name, p))
     return chosen
+
+
+def average_gradients(
+    grads: Sequence[Tensor | None], parameters: Sequence[nn.Parameter], group: Any = None
+) -> list[Tensor | None]:
+    """Average per-parameter gradients over the processes of ``group`` with one all-reduce,
+    as DDP averages gradients (a no-op outside ``torch.distributed`` or with one process).
+
+    Every process must contribute the same tensors, so a missing gradient of a parameter that
+    requires one counts as zero (a zero gradient perturbs by exactly zero).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
+        return list(grads)
+    filled = [
+        torch.zeros_like(p) if g is None and p.requires_grad else g
+        for g, p in zip(grads, parameters, strict=True)
+    ]
+    present = [g for g in filled if g is not None]
+    if not present:
+        return list(grads)
+    dtype = torch.float32
+    for g in present:
+        dtype = torch.promote_types(dtype, g.dtype)
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in present])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    out: list[Tensor | None] = []
+    offset = 0
+    for g in filled:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
+        offset += g.numel()
+    return out
 
 
 def check_options(
@@ -436,14 +473,27 @@ class NormSAM:
         if zero_grad:
             self.optimizer.zero_grad()
 
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def step(self, closure: Callable[[], Tensor], zero_grad: bool = True) -> Tensor:
         """One SAM step with a closure that computes and returns the loss *without* calling
         ``backward()``: NormSAM differentiates it twice (the first time only with respect to
         the perturbed parameters). Returns the loss at the unperturbed point (detached);
-        :attr:`perturbed_loss` holds the loss at the perturbed point."""
-        with torch.enable_grad():
+        :attr:`perturbed_loss` holds the loss at the perturbed point. ``zero_grad`` clears the
+        gradients after the step, as :meth:`second_step` does (``False`` keeps ``g'``).
+
+        Under DDP, give NormSAM the ``DistributedDataParallel`` model: the first pass then runs
+        under ``no_sync()`` and the perturbed parameters' gradients are averaged over the
+        processes with one all-reduce (the full-batch method). With a ``GradScaler`` use the
+        two-step form (``first_step(grad_scale=...)``).
+        """
+        ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
+        with torch.enable_grad(), ddp.no_sync() if ddp is not None else nullcontext():
             loss = closure()
-        self.perturb(self.gradients(loss))
+            grads = self.gradients(loss)
+        if ddp is not None:
+            grads = average_gradients(
+                grads, [p for _, p in self.named_parameters], ddp.process_group
+            )
+        self.perturb(grads)
         try:
             self.optimizer.zero_grad()
             with torch.enable_grad():
@@ -455,5 +505,5 @@ class NormSAM:
             self.restore()
             raise
         self.perturbed_loss = perturbed.detach()
-        self.second_step(zero_grad=False)
+        self.second_step(zero_grad=zero_grad)
         return loss.detach()

@@ -22,17 +22,20 @@ class SmallCNN(nn.Module):
     """conv-BN-relu, conv-<norm>-relu, pool, linear; plus a normalization layer and a linear
     layer that the forward never uses (their gradients stay None)."""
 
-    def __init__(self, second_norm: str = "bn", dtype=torch.float64) -> None:
+    def __init__(
+        self, second_norm: str = "bn", dtype=torch.float64, first_norm: str = "bn"
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, dtype=dtype)
-        self.bn1 = nn.BatchNorm2d(8, dtype=dtype)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False, dtype=dtype)
-        self.norm2 = {
+        norms = {
             "bn": lambda: nn.BatchNorm2d(8, dtype=dtype),
             "iternorm": lambda: lw.IterNorm(8, group_size=4, iterations=5, dtype=dtype),
             "swbn": lambda: lw.SWBN(8, group_size=4, whitening_rate=0.1, eps=1e-5, dtype=dtype),
             "groupnorm": lambda: nn.GroupNorm(2, 8, dtype=dtype),
-        }[second_norm]()
+        }
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, dtype=dtype)
+        self.bn1 = norms[first_norm]()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False, dtype=dtype)
+        self.norm2 = norms[second_norm]()
         self.fc = nn.Linear(8, 4, dtype=dtype)
         self.unused_norm = nn.LayerNorm(4, dtype=dtype)
         self.unused_linear = nn.Linear(4, 4, dtype=dtype)
@@ -346,3 +349,52 @@ def test_the_norm_guard_is_added_after_the_norm():
     expected = grad_norm / (grad_norm + 1e-16)
     assert 0.01 < expected < 0.9
     assert float(sam.perturbation_norm) == pytest.approx(expected, rel=1e-9)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        # per-sample normalization: the ranks' halves together are the batch
+        single = SmallCNN("groupnorm", first_norm="groupnorm")
+        model = copy.deepcopy(single)
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        options = {"rho": 2.0, "adaptive": True, "normalize_bias": True}
+        sam = lw.NormSAM(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), **options)
+        reference = lw.NormSAM(single, torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9), **options)  # fmt: skip
+        errors = []
+        for step in range(4):
+            x, y = batch(step, n=16)
+            mine = slice(rank * 8, rank * 8 + 8)
+            if step % 2 == 0:  # the closure form: first pass without sync, then one all-reduce
+                sam.step(lambda x=x, y=y: loss_fn(ddp, x[mine], y[mine]))
+            else:  # the two-step form: DDP syncs both backward passes itself
+                loss_fn(ddp, x[mine], y[mine]).backward()
+                sam.first_step()
+                loss_fn(ddp, x[mine], y[mine]).backward()
+                sam.second_step()
+            reference.step(lambda x=x, y=y: loss_fn(single, x, y))
+            for (name, a), b in zip(model.named_parameters(), single.parameters(), strict=True):
+                if not torch.allclose(a, b, rtol=1e-10, atol=1e-12):
+                    errors.append(f"step {step} {name}: {(a - b).abs().max():.3g}")
+        torch.save(errors, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    init_file = tempfile.mktemp(dir=tmp_path)
+    result = str(tmp_path / "result")
+    mp.spawn(_ddp_worker, args=(2, init_file, result), nprocs=2, join=True)
+    for rank in range(2):
+        errors = torch.load(f"{result}.{rank}")
+        assert not errors, "\n".join(errors)

@@ -328,6 +328,8 @@ def test_unsupported_setups_are_clear_errors(tmp_path):
         fit(ManualModule(), [lw.NormSAMCallback()], tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="LBFGS"):
         fit(LBFGSModule(), [lw.NormSAMCallback()], tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match="more than one NormSAMCallback"):
+        fit(SAMModule(), [lw.NormSAMCallback(), lw.NormSAMCallback()], tmp_path, max_steps=1)
 
 
 # -- DDP: 2 gloo processes equal one process holding the whole batch -----------------------------

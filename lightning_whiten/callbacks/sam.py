@@ -39,7 +39,7 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
-from ..sam import NormSAM, ParamsChoice, check_options
+from ..sam import NormSAM, ParamsChoice, average_gradients, check_options
 
 __all__ = ["NormSAMCallback"]
 
@@ -154,6 +154,8 @@ class NormSAMCallback(Callback):
                 "NormSAMCallback needs automatic optimization; with manual optimization call "
                 "lightning_whiten.NormSAM's first_step/second_step in training_step"
             )
+        if sum(isinstance(c, NormSAMCallback) for c in trainer.callbacks) > 1:
+            raise ValueError("NormSAMCallback: the Trainer has more than one NormSAMCallback")
         strategy = trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
@@ -212,6 +214,12 @@ class NormSAMCallback(Callback):
         return self.start_epoch <= epoch and (self.end_epoch is None or epoch < self.end_epoch)
 
     # -- micro-batches and logging -------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # (an epoch cut short before its step, e.g. by on_train_batch_start returning -1,
+        # leaves nothing to replay in the next one)
+        self._micro_batches.clear()
+        self._unperturbed_losses.clear()
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -275,7 +283,8 @@ class NormSAMCallback(Callback):
                 q.grad if g is None else (g if q.grad is None else g + q.grad)
                 for g, (_, q) in zip(grads, sam.named_parameters, strict=True)
             ]
-        grads = _average_across_processes(trainer, sam, grads)
+        if trainer.world_size > 1:  # DDP averages gradients; so does the ascent direction
+            grads = average_gradients(grads, [q for _, q in sam.named_parameters])
         unperturbed = loss.detach() + sum(self._unperturbed_losses)
 
         # 2. ascent, 3. second pass at the perturbed point, 4. restore
@@ -307,7 +316,9 @@ class NormSAMCallback(Callback):
         end = _now(device, timed)
 
         self.sam_steps += 1
-        pending: dict[str, Tensor] = {"sam/sharpness": (perturbed - unperturbed).float()}
+        pending: dict[str, Tensor] = {}
+        if last is not None:  # (None: training_step skipped the batch at the perturbed point)
+            pending["sam/sharpness"] = (perturbed - unperturbed).float()
         if sam.perturbation_norm is not None:
             pending["sam/perturbation_norm"] = sam.perturbation_norm.float()
             pending["sam/grad_norm"] = sam.grad_norm.float()
@@ -356,36 +367,6 @@ def _grad_scale(trainer: pl.Trainer, loss: Tensor) -> Tensor | None:
     return scaler.scale(torch.ones((), device=loss.device, dtype=torch.float32))
 
 
-def _average_across_processes(
-    trainer: pl.Trainer, sam: NormSAM, grads: list[Tensor | None]
-) -> list[Tensor | None]:
-    """Average the perturbed parameters' gradients over the processes (one all-reduce), as
-    DDP averages gradients: the ascent uses the gradient of the whole batch."""
-    if trainer.world_size <= 1:
-        return grads
-    # Every process must contribute the same tensors: a missing gradient counts as zero
-    # (a zero gradient perturbs by exactly zero).
-    filled = [
-        torch.zeros_like(q) if g is None and q.requires_grad else g
-        for g, (_, q) in zip(grads, sam.named_parameters, strict=True)
-    ]
-    present = [g for g in filled if g is not None]
-    if not present:
-        return grads
-    dtype = functools.reduce(torch.promote_types, [g.dtype for g in present], torch.float32)
-    flat = torch.cat([g.reshape(-1).to(dtype) for g in present])
-    flat = trainer.strategy.reduce(flat, reduce_op="mean")
-    out: list[Tensor | None] = []
-    offset = 0
-    for g in filled:
-        if g is None:
-            out.append(None)
-            continue
-        out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
-        offset += g.numel()
-    return out
-
-
 def _now(device: torch.device, timed: bool) -> float:
     if not timed:
         return 0.0
@@ -398,7 +379,9 @@ def _copy_state(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().clone()
     if isinstance(value, list):
-        return [_copy_state(v) for v in value]
+        # "cat" states grow by appending new tensors: keeping the list's items is enough (and
+        # keeps the copy O(1) per step instead of O(epoch))
+        return list(value)
     return copy.deepcopy(value)
 
 
