@@ -366,9 +366,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None
         sam = lw.NormSAM(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), **options)
         reference = lw.NormSAM(single, torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9), **options)  # fmt: skip
         errors = []
+        mine = slice(rank * 8, rank * 8 + 8)
         for step in range(4):
             x, y = batch(step, n=16)
-            mine = slice(rank * 8, rank * 8 + 8)
             if step % 2 == 0:  # the closure form: first pass without sync, then one all-reduce
                 sam.step(lambda x=x, y=y: loss_fn(ddp, x[mine], y[mine]))
             else:  # the two-step form: DDP syncs both backward passes itself

@@ -61,9 +61,10 @@ class NormSAMCallback(Callback):
 
     * ``sam/sharpness``: the loss at the perturbed point minus the loss (a sharpness proxy);
     * ``sam/perturbation_norm``: ``||eps||_2``; ``sam/grad_norm``: ``||g_S||_2`` (unscaled);
-    * ``sam/first_pass_ms`` and ``sam/overhead_pct`` (sampled steps): the time SAM adds (its
-      first pass and ascent, and the replay of earlier micro-batches when accumulating) and
-      that time relative to the plain step's forward and backward.
+    * ``sam/first_pass_ms`` and ``sam/overhead_pct`` (sampled steps, straight to the loggers):
+      the time SAM adds (its first pass and ascent, plus the replay of the earlier micro-batches
+      when accumulating) and that time relative to a plain step's forward and backward (the
+      second pass's time, times ``accumulate_grad_batches``).
 
     What the module's own logs show: ``training_step`` runs twice per SAM step. Its first run,
     at the unperturbed weights, is the one logged: ``train/loss`` (or whatever it logs) is the
