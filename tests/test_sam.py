@@ -398,3 +398,15 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     for rank in range(2):
         errors = torch.load(f"{result}.{rank}")
         assert not errors, "\n".join(errors)
+
+
+def test_the_minimizer_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_whiten as lw; lw.NormSAM; "
+        "assert 'lightning' not in sys.modules and 'lightning.pytorch' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
