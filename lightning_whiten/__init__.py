@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "SWBNAct": "layers",
     "WhiteningNorm": "layers",
     "NormFamily": "registry",
+    "NormSAM": "sam",
     "register_family": "registry",
     "ConversionPlan": "surgery",
     "ConversionReport": "surgery",
@@ -35,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "WhiteningCallback": "callbacks",
     "WhiteningMonitor": "callbacks",
     "NormalizationAnalysis": "callbacks",
+    "NormSAMCallback": "callbacks",
     "ImageClassifier": "models",
 }
 _SUBMODULES = (
@@ -47,6 +49,7 @@ _SUBMODULES = (
     "layers",
     "models",
     "registry",
+    "sam",
     "schedules",
     "surgery",
 )
@@ -62,6 +65,8 @@ __all__ = [
     "IterNorm",
     "IterNormAct",
     "NormFamily",
+    "NormSAM",
+    "NormSAMCallback",
     "NormalizationAnalysis",
     "SWBNAct",
     "WhiteningCallback",
@@ -76,6 +81,7 @@ __all__ = [
     "plan_conversion",
     "register_family",
     "registry",
+    "sam",
     "schedules",
     "surgery",
 ]
@@ -96,12 +102,18 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
-    from . import diagnostics, functional, registry, schedules, surgery
-    from .callbacks import NormalizationAnalysis, WhiteningCallback, WhiteningMonitor
+    from . import diagnostics, functional, registry, sam, schedules, surgery
+    from .callbacks import (
+        NormalizationAnalysis,
+        NormSAMCallback,
+        WhiteningCallback,
+        WhiteningMonitor,
+    )
     from .checkpoint import load_converted
     from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
     from .models import ImageClassifier
     from .registry import NormFamily, register_family
+    from .sam import NormSAM
     from .surgery import (
         ConversionPlan,
         ConversionReport,

@@ -173,10 +173,12 @@ class _CIFAR(ImageDataModule):
     _torchvision_name = ""  # the torchvision.datasets class
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
-                 num_workers: int = 4, pin_memory: bool = False) -> None:  # fmt: skip
+                 num_workers: int = 4, pin_memory: bool = False,
+                 autoaugment: bool = False) -> None:  # fmt: skip
         super().__init__(batch_size, num_workers, pin_memory)
         self.data_dir = data_dir
         self.download = download
+        self.autoaugment = autoaugment
 
     def _dataset(self, train: bool, transform: Any = None):
         import torchvision.datasets
@@ -200,20 +202,28 @@ class _CIFAR(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         import torchvision.transforms as T
 
-        normalize = T.Normalize(self._mean, self._std)
-        train = T.Compose(
-            [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
-        )
-        val = T.Compose([T.ToTensor(), normalize])
-        self.train_set = self._dataset(True, transform=train)
+        val = T.Compose([T.ToTensor(), T.Normalize(self._mean, self._std)])
+        self.train_set = self._dataset(True, transform=self.train_transform())
         self.val_set = self._dataset(False, transform=val)
+
+    def train_transform(self):
+        """Random crop 32 with 4 pixels of padding, horizontal flip, then (``autoaugment``)
+        AutoAugment's CIFAR-10 policy, on PIL images; then to a normalized tensor."""
+        import torchvision.transforms as T
+
+        ops: list[Any] = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        if self.autoaugment:
+            ops.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
+        return T.Compose([*ops, T.ToTensor(), T.Normalize(self._mean, self._std)])
 
 
 class CIFAR10(_CIFAR):
     """CIFAR-10 from torchvision (downloaded into ``data_dir`` when the network allows).
 
     Augmentation: random crop 32 with 4 pixels of padding and horizontal flips (the standard
-    CIFAR setup of the IterNorm and SWBN papers).
+    CIFAR setup of the IterNorm and SWBN papers); ``autoaugment=True`` adds AutoAugment's CIFAR-10
+    policy after them (torchvision's ``AutoAugment``; the SAM-ON authors' command line uses the
+    same policy, for CIFAR-100 too).
     """
 
     num_classes = 10

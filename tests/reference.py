@@ -98,3 +98,35 @@ def correlated(shape, dtype=torch.float64, strength: float = 0.7, generator=None
     y = torch.einsum("ij,nj...->ni...", mix, x)
     means = torch.randn(c, dtype=dtype, generator=generator).view((1, c) + (1,) * (len(shape) - 2))
     return y + means
+
+
+def sam_perturbation(
+    weights: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    rho: float,
+    adaptive: bool,
+    eta: float,
+    p: int | str,
+    layerwise: bool,
+    normalize_bias: bool,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """SAM / ASAM's ascent ``eps`` for the perturbed set S (the keys of ``grads``), from the
+    SAM-ON paper's equations (Mueller et al., NeurIPS 2023, sec. 3) with the official code's
+    two conventions: layerwise ``T = ||w|| (1 + eta)`` and ``+ 1e-16`` added to the norm.
+    Returns ``(eps, T)`` per name (``T = 1`` for SAM and for biases without normalize_bias)."""
+    operators = {}
+    for name, w in weights.items():
+        one = torch.ones_like(w)
+        if adaptive and (name.rsplit(".", 1)[-1] == "weight" or normalize_bias):
+            operators[name] = torch.linalg.norm(w) * (1 + eta) * one if layerwise else w.abs() + eta
+        else:
+            operators[name] = one
+    eps = {}
+    if p == 2:
+        denominator = sum(float(((operators[n] * g) ** 2).sum()) for n, g in grads.items()) ** 0.5
+        for name, g in grads.items():
+            eps[name] = rho * operators[name] ** 2 * g / (denominator + 1e-16)
+    else:
+        for name, g in grads.items():
+            eps[name] = rho * operators[name] * torch.sign(g)
+    return eps, operators

@@ -101,3 +101,20 @@ def test_classifier_channels_last_and_predict():
     assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="lr_schedule='step' needs milestones"):
         lw.ImageClassifier(lr_schedule="step")
+
+
+def test_cifar_autoaugment_adds_the_cifar10_policy():
+    from PIL import Image
+
+    from lightning_whiten.data import CIFAR100
+
+    plain = CIFAR100(num_workers=0).train_transform()
+    augmented = CIFAR100(num_workers=0, autoaugment=True).train_transform()
+    names = [type(t).__name__ for t in augmented.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "AutoAugment", "ToTensor", "Normalize"]
+    assert augmented.transforms[2].policy == torchvision.transforms.AutoAugmentPolicy.CIFAR10
+    assert "AutoAugment" not in [type(t).__name__ for t in plain.transforms]
+    image = Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy())
+    torch.manual_seed(0)
+    out = augmented(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32

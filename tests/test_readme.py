@@ -70,3 +70,39 @@ def test_callback_yaml_example_runs(tmp_path):
     net = cli.model.net
     assert not isinstance(net.bn1, WhiteningNorm)  # excluded
     assert isinstance(net.layer4[0].bn1, WhiteningNorm)
+
+
+def test_sam_examples_run(tmp_path):
+    import torch
+
+    (python,) = blocks("python", "SAM-ON")
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen))
+    ]
+    namespace: dict = {"train_loader": batches}
+    exec(python, namespace)
+    sam = namespace["sam"]
+    assert isinstance(sam, lw.NormSAM) and sam.adaptive and sam.rho == 10.0
+    assert torch.isfinite(namespace["loss"]) and float(sam.perturbation_norm) > 0
+
+    (example,) = blocks("yaml", "SAM-ON")
+    config = yaml.safe_load(example)
+    config["trainer"].update(
+        {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
+         "enable_progress_bar": False, "default_root_dir": str(tmp_path), "accelerator": "cpu"}
+    )  # fmt: skip
+    config["model"] = {
+        "class_path": "lightning_whiten.ImageClassifier",
+        "init_args": {"backbone": "cifar/resnetv2_20", "num_classes": 4},
+    }
+    config["data"] = {
+        "class_path": "lightning_whiten.data.SyntheticImages",
+        "init_args": {"num_classes": 4, "image_size": 16, "num_train": 16, "num_val": 8,
+                      "batch_size": 8},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = run(["fit", "--config", str(path)])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormSAMCallback)]
+    assert callback.sam_steps == 2 and callback.sam.normalize_bias

@@ -104,6 +104,10 @@ def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
         assert not whitening
     assert cli.trainer.state.finished
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    sam = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormSAMCallback)]
+    if sam:  # the SAM recipes took their step with NormSAM (and logged its sharpness)
+        assert sam[0].sam_steps == 1
+        assert torch.isfinite(cli.trainer.callback_metrics["sam/sharpness_step"])
 
 
 def test_command_line_exits_with_status_zero(tmp_path):

@@ -2,6 +2,13 @@
 
 from .analysis import NormalizationAnalysis
 from .monitor import WhiteningMonitor
+from .sam import NormSAMCallback
 from .whitening import CHECKPOINT_KEY, WhiteningCallback
 
-__all__ = ["CHECKPOINT_KEY", "NormalizationAnalysis", "WhiteningCallback", "WhiteningMonitor"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "NormSAMCallback",
+    "NormalizationAnalysis",
+    "WhiteningCallback",
+    "WhiteningMonitor",
+]
