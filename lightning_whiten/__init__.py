@@ -1,8 +1,19 @@
-"""lightning-whiten: batch whitening (IterNorm, DBN, SWBN) for PyTorch and PyTorch Lightning."""
+"""lightning-whiten: batch whitening (IterNorm, DBN, SWBN) and Lp/streaming normalization for
+PyTorch and PyTorch Lightning."""
 
 from . import diagnostics, functional, schedules
 from .checkpoint import load_converted
-from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
+from .layers import (
+    DBN,
+    SWBN,
+    DBNAct,
+    IterNorm,
+    IterNormAct,
+    LpNorm,
+    StreamingNorm,
+    SWBNAct,
+    WhiteningNorm,
+)
 from .surgery import ConversionReport, convert, export
 
 __version__ = "0.1.0"
@@ -15,7 +26,9 @@ __all__ = [
     "ImageClassifier",
     "IterNorm",
     "IterNormAct",
+    "LpNorm",
     "SWBNAct",
+    "StreamingNorm",
     "WhiteningCallback",
     "WhiteningMonitor",
     "WhiteningNorm",

@@ -1,9 +1,11 @@
-"""Whitening layers: drop-in replacements for BatchNorm that also decorrelate channels."""
+"""Normalization layers: whitening (IterNorm, DBN, SWBN), Lp and streaming normalization."""
 
 from .base import RunningWhiteningNorm, WhiteningNorm
 from .dbn import DBN
 from .iternorm import IterNorm
+from .lpnorm import LpNorm, PerChannelNorm
 from .norm_act import DBNAct, IterNormAct, NormActMixin, SWBNAct, norm_act_class
+from .streaming import StreamingNorm, close_windows
 from .swbn import SWBN
 
 __all__ = [
@@ -12,9 +14,13 @@ __all__ = [
     "DBNAct",
     "IterNorm",
     "IterNormAct",
+    "LpNorm",
     "NormActMixin",
+    "PerChannelNorm",
     "RunningWhiteningNorm",
     "SWBNAct",
+    "StreamingNorm",
     "WhiteningNorm",
+    "close_windows",
     "norm_act_class",
 ]
