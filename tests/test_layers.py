@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_whiten as lw
-from lightning_whiten import functional as F
 from lightning_whiten.functional import whitening as FW
 
 torch.manual_seed(0)

@@ -433,3 +433,26 @@ def test_compiled_lpnorm_equals_eager_without_graph_breaks():
     x = torch.randn(3, 6, 3, 3)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_inference_map_folds_into_the_producing_convolution(name):
+    # What export does: conv -> norm in eval is one convolution with
+    # W' = weight * m W, b' = weight * m (b - offset) + bias, (matrices, offset) = inference_map().
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    norm = LAYERS[name](6, p=1.5)
+    for _ in range(3):
+        norm(conv(torch.randn(4, 3, 8, 8))).sum().backward()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    model = nn.Sequential(conv, norm).eval()
+    matrices, offset = norm.inference_map()
+    scale = norm.weight * matrices.view(-1)
+    folded = nn.Conv2d(3, 6, 3, padding=1)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        folded.bias.copy_(scale * (conv.bias - offset) + norm.bias)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -169,11 +169,14 @@ def _phi_(r: Tensor, p: float) -> Tensor:
     return torch.copysign(r.abs().pow_(p - 1), r, out=r)
 
 
+_BATCH_NORM_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+
+
 def _centered_dot(g: Tensor, v: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
     """Per channel ``(sum g (v - center), sum g)`` in one fused pass (ATen's BatchNorm
     backward reduction with ``invstd = 1``); ``g`` and ``v`` are views of one layout."""
     ones = torch.ones_like(center)
-    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+    _, dot, total = _BATCH_NORM_BACKWARD(
         g, v, None, None, None, center, ones, True, 0.0, [False, True, True]
     )
     return dot, total

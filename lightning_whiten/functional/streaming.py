@@ -71,12 +71,6 @@ class StreamingState(NamedTuple):
     num_batches_tracked: Tensor
 
 
-def _push_(average: Tensor, value: Tensor, count: Tensor, finite: Tensor) -> None:
-    """``average <- average + (value - average) / (count + 1)`` where ``finite`` (no sync)."""
-    step = (value.to(average.dtype) - average) / (count + 1).to(average.dtype)
-    average.copy_(torch.where(finite, average + step, average))
-
-
 class StreamingStatistics(StatisticsRule):
     """The streaming rule for one forward call of a layer (see the module docstring).
 
@@ -84,8 +78,9 @@ class StreamingStatistics(StatisticsRule):
     short-term averages (only when both are finite), and the mixes
     ``alpha L + (1 - alpha) S`` are returned. Backward (``moment_grad`` then ``center_grad``):
     the gradients with respect to the mixed statistics join the short-term gradient averages
-    (only when finite) and ``beta_long G_L + beta_short G_S + beta_current g`` is returned; before
-    the first window has closed ``G_L`` is taken as ``G_S`` (as in the authors' code).
+    (only when both are finite) and ``beta_long G_L + beta_short G_S + beta_current g`` is
+    returned; before the first window has closed ``G_L`` is taken as ``G_S`` (as in the
+    authors' code).
 
     Args:
         state: the layer's :class:`StreamingState`.
@@ -112,50 +107,51 @@ class StreamingStatistics(StatisticsRule):
         self.on_backward = on_backward
         #: 0-dim bool: whether this call's statistics were finite (set by ``moment``).
         self.finite: Tensor | None = None
-        self._mean_finite: Tensor | None = None
-        self._previous: Tensor | None = None
-        self._grad_finite: Tensor | None = None
+        self._pending: tuple[Tensor, ...] = ()
 
-    def _mix(self, long: Tensor, short: Tensor, like: Tensor) -> Tensor:
-        return (self.alpha * long + (1.0 - self.alpha) * short).to(like.dtype)
-
+    # The new short-term averages are formed first and written back only once both statistics
+    # (or both gradients) are known to be finite: one guard per call, no host sync.
     def center(self, mean: Tensor) -> Tensor:
         s = self.state
-        self._mean_finite = torch.isfinite(mean).all()
-        self._previous = s.short_mean.clone()
-        _push_(s.short_mean, mean, s.short_count, self._mean_finite)
-        return self._mix(s.running_mean, s.short_mean, mean)
+        short = s.short_mean + (mean - s.short_mean) / (s.short_count + 1)
+        self._pending = (mean, short)
+        return torch.lerp(short, s.running_mean.to(short.dtype), self.alpha).to(mean.dtype)
 
     def moment(self, moment: Tensor) -> Tensor:
         s = self.state
-        finite = self._mean_finite & torch.isfinite(moment).all()
-        _push_(s.short_moment, moment, s.short_count, finite)
-        # The mean was pushed on its own finiteness: take it back if the moment was not finite.
-        s.short_mean.copy_(torch.where(finite, s.short_mean, self._previous))
-        s.short_count.add_(finite.to(s.short_count.dtype))
+        mean, short_mean = self._pending
+        short_moment = s.short_moment + (moment - s.short_moment) / (s.short_count + 1)
+        finite = torch.isfinite(mean + moment).all()
+        s.short_mean.copy_(torch.where(finite, short_mean, s.short_mean))
+        s.short_moment.copy_(torch.where(finite, short_moment, s.short_moment))
+        s.short_count.add_(finite)
         self.finite = finite
-        return self._mix(s.running_moment, s.short_moment, moment)
+        long = s.running_moment.to(short_moment.dtype)
+        return torch.lerp(short_moment, long, self.alpha).to(moment.dtype)
 
-    def _streamed(self, long: Tensor, short: Tensor, grad: Tensor) -> Tensor:
+    def _streamed(self, long: Tensor, short: Tensor, grad: Tensor, has_long: Tensor) -> Tensor:
         b_long, b_short, b_current = self.betas
         # Before the first window closes there is no long-term gradient: use the short-term one.
-        long = torch.where(self.state.grad_windows > 0, long, short)
-        return (b_long * long + b_short * short).to(grad.dtype) + b_current * grad
+        mixed = torch.where(has_long, long, short).mul_(b_long).add_(short, alpha=b_short)
+        return mixed.to(grad.dtype).add_(grad, alpha=b_current)
 
     def moment_grad(self, grad: Tensor) -> Tensor:
         s = self.state
-        self._grad_finite = torch.isfinite(grad).all()
-        self._previous = s.grad_short_moment.clone()
-        _push_(s.grad_short_moment, grad, s.grad_short_count, self._grad_finite)
-        return self._streamed(s.grad_running_moment, s.grad_short_moment, grad)
+        short = s.grad_short_moment + (grad - s.grad_short_moment) / (s.grad_short_count + 1)
+        has_long = s.grad_windows > 0
+        self._pending = (grad, short, has_long)
+        return self._streamed(s.grad_running_moment, short, grad, has_long)
 
     def center_grad(self, grad: Tensor) -> Tensor:
         s = self.state
-        finite = self._grad_finite & torch.isfinite(grad).all()
-        _push_(s.grad_short_mean, grad, s.grad_short_count, finite)
-        s.grad_short_moment.copy_(torch.where(finite, s.grad_short_moment, self._previous))
-        s.grad_short_count.add_(finite.to(s.grad_short_count.dtype))
-        out = self._streamed(s.grad_running_mean, s.grad_short_mean, grad)
+        grad_moment, short_moment, has_long = self._pending
+        short = s.grad_short_mean + (grad - s.grad_short_mean) / (s.grad_short_count + 1)
+        finite = torch.isfinite(grad + grad_moment).all()
+        s.grad_short_mean.copy_(torch.where(finite, short, s.grad_short_mean))
+        s.grad_short_moment.copy_(torch.where(finite, short_moment, s.grad_short_moment))
+        s.grad_short_count.add_(finite)
+        out = self._streamed(s.grad_running_mean, short, grad, has_long)
+        self._pending = ()
         if self.on_backward is not None:
             self.on_backward()
         return out
@@ -167,33 +163,26 @@ def close_window(state: StreamingState, momentum: float | None, grad_momentum: f
 
     ``L <- lerp(L, S, momentum)`` (``momentum=None``: ``1 / windows``, a cumulative average) if
     the window had a finite call; ``G_L <- lerp(G_L, G_S, grad_momentum)`` (``G_L <- G_S`` for
-    the first window with gradients) if it had a finite backward call. No host synchronization.
+    the first window with gradients) if it had a finite backward call. No host synchronization:
+    an empty window interpolates with weight 0.
     """
     s = state
-    has = s.short_count > 0
-    s.num_batches_tracked.add_(has.to(s.num_batches_tracked.dtype))
     dtype = s.running_mean.dtype
+    has = s.short_count > 0
+    s.num_batches_tracked.add_(has)
     if momentum is None:
-        factor = 1.0 / s.num_batches_tracked.clamp_min(1).to(dtype)
+        weight = has / s.num_batches_tracked.clamp_min(1).to(dtype)
     else:
-        factor = torch.full((), float(momentum), dtype=dtype, device=s.running_mean.device)
-    for long, short in ((s.running_mean, s.short_mean), (s.running_moment, s.short_moment)):
-        long.copy_(torch.where(has, torch.lerp(long, short, factor), long))
-        short.zero_()
-    s.short_count.zero_()
-
+        weight = has.to(dtype) * float(momentum)
+    s.running_mean.lerp_(s.short_mean, weight)
+    s.running_moment.lerp_(s.short_moment, weight)
     has_grad = s.grad_short_count > 0
-    gfactor = torch.where(
-        s.grad_windows > 0,
-        torch.full((), float(grad_momentum), dtype=dtype, device=s.running_mean.device),
-        torch.ones((), dtype=dtype, device=s.running_mean.device),
-    )
-    pairs = (
-        (s.grad_running_mean, s.grad_short_mean),
-        (s.grad_running_moment, s.grad_short_moment),
-    )
-    for long, short in pairs:
-        long.copy_(torch.where(has_grad, torch.lerp(long, short, gfactor), long))
-        short.zero_()
-    s.grad_windows.add_(has_grad.to(s.grad_windows.dtype))
-    s.grad_short_count.zero_()
+    first = s.grad_windows == 0
+    gm = float(grad_momentum)
+    gweight = has_grad.to(dtype) * (first.to(dtype) * (1.0 - gm) + gm)  # 1 for the first window
+    s.grad_running_mean.lerp_(s.grad_short_mean, gweight)
+    s.grad_running_moment.lerp_(s.grad_short_moment, gweight)
+    s.grad_windows.add_(has_grad)
+    for t in (s.short_mean, s.short_moment, s.short_count, s.grad_short_mean,
+              s.grad_short_moment, s.grad_short_count):  # fmt: skip
+        t.zero_()
