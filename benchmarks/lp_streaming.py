@@ -73,7 +73,7 @@ def run(
         for name, make in candidates(shape[1]).items():
             layer = make().to(device).train()
 
-            def step(layer=layer):
+            def step(layer=layer, x=x, grad=grad):
                 x.grad = None
                 layer.zero_grad(set_to_none=True)
                 layer(x).backward(grad)
