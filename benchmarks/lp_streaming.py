@@ -4,8 +4,8 @@ Forward + backward of one layer in training mode on the shapes of the layer benc
 (:mod:`benchmarks.layers`), for ``nn.BatchNorm2d``, :class:`LpNorm` (p = 1, 2), :class:`StreamingNorm`
 (p = 1, 2; every step closes its window, as in an online loop) and the straightforward autograd
 composition of L1 normalization. Times are medians over interleaved rounds (every candidate once
-per round), ratios are taken per round against BatchNorm measured in the same round, so slow
-drifts of a shared machine hit all candidates alike. Writes
+per round, in a shuffled order), ratios are taken per round against BatchNorm measured in the
+same round, so slow drifts of a shared machine hit all candidates alike. Writes
 ``benchmarks/results/<device>-lp_streaming.json`` and ``.md``.
 
 Options: ``--device cuda``, ``--quick`` (fewer rounds), ``--channels-last``, ``--threads N``.
@@ -14,6 +14,7 @@ Options: ``--device cuda``, ``--quick`` (fewer rounds), ``--channels-last``, ``-
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -82,9 +83,12 @@ def run(
         times: dict[str, list[float]] = {name: [] for name in steps}
         for step in steps.values():
             median_ms(step, device, warmup=3, repeats=1)
+        order = list(steps)
+        shuffle = random.Random(0)
         for _ in range(rounds):
-            for name, step in steps.items():
-                times[name].append(median_ms(step, device, warmup=0, repeats=1))
+            shuffle.shuffle(order)  # no candidate always runs right after another
+            for name in order:
+                times[name].append(median_ms(steps[name], device, warmup=0, repeats=1))
         memory = {name: peak_memory_bytes(step, device) / 2**20 for name, step in steps.items()}
         bn = times["BatchNorm2d"]
         plain = times["plain autograd L1"]
@@ -138,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
          r["peak_mb"], r["mem_vs_bn"], r["target"]]
         for r in rows
     ]  # fmt: skip
-    print_table("Lp / streaming normalization: forward + backward", columns, table)
+    print_table(
+        "Lp / streaming normalization: forward + backward",
+        columns,
+        [[_fmt(v) if isinstance(v, list) or v is None else v for v in r] for r in table],
+    )
     lines = [
         f"Environment: {env}",
         "",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..functional.lp import check_p
-from .base import _buffer_dtype, _check_momentum, _lerp_, warns_at_batch
+from .base import _buffer_dtype, _check_momentum, warns_at_batch
 
 __all__ = ["LpNorm"]
 
@@ -398,17 +398,20 @@ class LpNorm(PerChannelNorm):
 
     @torch.no_grad()
     def _update_running(self, result: F.LpResult) -> None:
-        finite = torch.isfinite(result.mean).all() & torch.isfinite(result.batch_moment).all()
-        self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
-        mean = result.mean
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.clamp_min(1).to(mean.dtype)
-        else:
-            # A fill kernel rather than torch.tensor(): no host-to-device copy (and no sync).
-            factor = torch.full((), float(self.momentum), dtype=mean.dtype, device=mean.device)
         n = result.count
-        correction = (n / (n - 1)) ** (self.p / 2)
-        _lerp_(self.running_mean, mean, factor, finite)
-        _lerp_(self.running_moment, result.batch_moment * correction, factor, finite)
-        self.nonfinite_batches.add_((~finite).to(self.nonfinite_batches.dtype))
+        moment = result.batch_moment * ((n / (n - 1)) ** (self.p / 2))
+        stats = torch.stack([result.mean, moment])
+        finite = torch.isfinite(stats).all()
+        self.num_batches_tracked.add_(finite)
+        running = torch.stack([self.running_mean, self.running_moment])
+        # A non-finite batch interpolates towards the buffers themselves: no change, no sync.
+        target = torch.where(finite, stats.to(running.dtype), running)
+        if self.momentum is None:
+            factor = 1.0 / self.num_batches_tracked.clamp_min(1).to(running.dtype)
+            self.running_mean.lerp_(target[0], factor)
+            self.running_moment.lerp_(target[1], factor)
+        else:
+            self.running_mean.lerp_(target[0], float(self.momentum))
+            self.running_moment.lerp_(target[1], float(self.momentum))
+        self.nonfinite_batches.add_(~finite)
         self._warn_nonfinite(finite)
