@@ -456,3 +456,17 @@ def test_inference_map_folds_into_the_producing_convolution(name):
         folded.bias.copy_(scale * (conv.bias - offset) + norm.bias)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_without_running_statistics():
+    bn = nn.BatchNorm2d(3, track_running_stats=False)
+    x = torch.randn(4, 3, 2, 2) * 2 + 1
+    exact = lw.LpNorm.from_batchnorm(bn, p=2).eval()  # batch statistics in eval, as the BN
+    assert exact.running_mean is None
+    torch.testing.assert_close(exact(x), bn.eval()(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"reproduces only for p=2; pass track_running_stats=False"
+    ):
+        lw.LpNorm.from_batchnorm(bn, p=1)
+    with pytest.raises(ValueError, match=r"StreamingNorm.from_batchnorm: .*long-term statistics"):
+        lw.StreamingNorm.from_batchnorm(bn)

@@ -276,3 +276,12 @@ def test_under_torch_compile_the_layer_runs_eagerly_with_the_same_result():
     torch.testing.assert_close(compiled_model[1].running_mean, eager[1].running_mean)
     torch.testing.assert_close(compiled_model[0].weight.grad, eager[0].weight.grad)
     torch._dynamo.reset()
+
+
+def test_float64_input_in_a_float32_layer_and_back():
+    layer = lw.StreamingNorm(3)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.dtype == torch.float64 and x.grad.dtype == torch.float64
+    assert layer.running_mean.dtype == torch.float32 and int(layer.num_batches_tracked) == 1

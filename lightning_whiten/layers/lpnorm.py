@@ -29,8 +29,9 @@ class PerChannelNorm(nn.Module):
 
     #: Attributes that schedules may change between steps.
     schedulable: ClassVar[tuple[str, ...]] = ("eps", "momentum")
-    #: Whether training needs more than one sample per channel (batch statistics).
-    _needs_batch: ClassVar[bool] = True
+    #: Whether training normalizes with the batch's own statistics (so needs more than one
+    #: sample per channel); False for StreamingNorm, which trains at batch size 1.
+    uses_batch_statistics: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -168,7 +169,7 @@ class PerChannelNorm(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"{self.describe()}: got an empty input of shape {tuple(x.shape)}")
-        if batch_stats and self._needs_batch and x.numel() // self.num_features < 2:
+        if batch_stats and self.uses_batch_statistics and x.numel() // self.num_features < 2:
             raise ValueError(
                 f"{self.describe()}: batch statistics need more than one sample per channel, "
                 f"got input of shape {tuple(x.shape)} (1 sample); use a larger batch, call "
@@ -267,6 +268,12 @@ class PerChannelNorm(nn.Module):
         kwargs.update(options)
         p = check_p(kwargs.get("p", cls._default_p()), name)
         factor = F.gaussian_abs_moment(p) ** (1.0 / p)
+        if not tracks and not cls.uses_batch_statistics:
+            raise ValueError(
+                f"{name}: {type(bn).__name__}({num_features}) has no running statistics "
+                f"(track_running_stats=False); {cls.__name__} evaluates with its long-term "
+                "statistics, which would start untrained: train it, or convert to LpNorm"
+            )
         if not tracks and kwargs["track_running_stats"]:
             raise ValueError(
                 f"{name}: {type(bn).__name__}({num_features}) has no running statistics "

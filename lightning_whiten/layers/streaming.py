@@ -115,7 +115,7 @@ class StreamingNorm(PerChannelNorm):
         "beta_short",
         "beta_current",
     )
-    _needs_batch: ClassVar[bool] = False
+    uses_batch_statistics: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -221,7 +221,7 @@ class ImageClassifier(pl.LightningModule):
 
         for name, module in self.named_modules():
             batch_stats = isinstance(module, (nn.modules.batchnorm._BatchNorm, WhiteningNorm)) or (
-                isinstance(module, PerChannelNorm) and module._needs_batch
+                isinstance(module, PerChannelNorm) and module.uses_batch_statistics
             )
             if batch_stats and module.training:
                 raise ValueError(
