@@ -35,9 +35,7 @@ def test_v0_checkpoint_loads_with_load_converted(layer, expected):
     model = lw.load_converted(TinyClassifier, FIXTURES / f"v0_{layer}.ckpt")
     with torch.no_grad():
         output = model(expected["probe"])
-    torch.testing.assert_close(
-        output, expected["layers"][layer]["eval_output"], rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(output, expected["layers"][layer]["eval_output"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_whiten as lw
+from lightning_whiten import functional as F
 from lightning_whiten.functional import whitening as FW
 
 torch.manual_seed(0)
