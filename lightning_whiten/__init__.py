@@ -20,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "DBNAct": "layers",
     "IterNorm": "layers",
     "IterNormAct": "layers",
+    "LpNorm": "layers",
+    "StreamingNorm": "layers",
     "SWBN": "layers",
     "SWBNAct": "layers",
     "WhiteningNorm": "layers",
@@ -64,11 +66,13 @@ __all__ = [
     "ImageClassifier",
     "IterNorm",
     "IterNormAct",
+    "LpNorm",
     "NormFamily",
     "NormSAM",
     "NormSAMCallback",
     "NormalizationAnalysis",
     "SWBNAct",
+    "StreamingNorm",
     "WhiteningCallback",
     "WhiteningMonitor",
     "WhiteningNorm",
@@ -110,7 +114,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
         WhiteningMonitor,
     )
     from .checkpoint import load_converted
-    from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
+    from .layers import (
+        DBN,
+        SWBN,
+        DBNAct,
+        IterNorm,
+        IterNormAct,
+        LpNorm,
+        StreamingNorm,
+        SWBNAct,
+        WhiteningNorm,
+    )
     from .models import ImageClassifier
     from .registry import NormFamily, register_family
     from .sam import NormSAM

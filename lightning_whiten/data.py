@@ -29,9 +29,11 @@ class ImageDataModule(pl.LightningDataModule):
         self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False
     ) -> None:
         super().__init__()
-        if batch_size < 2:
+        # batch_size=1 (online learning) needs a normalizer without batch statistics
+        # (StreamingNorm): ImageClassifier checks its layers at the first such batch.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(
-                f"{type(self).__name__}: batch_size must be >= 2 (batch statistics), got {batch_size}"
+                f"{type(self).__name__}: batch_size must be a positive integer, got {batch_size!r}"
             )
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -36,8 +36,9 @@ def test_datamodule_errors_are_clear(tmp_path):
         data.prepare_data()
     with pytest.raises(FileNotFoundError, match=r"ImageFolder: expected a folder .*train"):
         ImageFolder(root=str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="batch_size must be >= 2"):
-        SyntheticImages(batch_size=1)
+    with pytest.raises(ValueError, match="SyntheticImages: batch_size must be a positive integer"):
+        SyntheticImages(batch_size=0)
+    SyntheticImages(batch_size=1)  # online learning: the model checks its normalizers
 
 
 def test_backbone_names_and_local_weights(tmp_path):
@@ -118,3 +119,61 @@ def test_cifar_autoaugment_adds_the_cifar10_policy():
     torch.manual_seed(0)
     out = augmented(image)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("backbone", "norm", "layer_type", "count"),
+    [
+        ("cifar/resnetv2_20", "lpnorm", lw.LpNorm, 19),
+        ("cifar/resnetv2_20", "streaming", lw.StreamingNorm, 19),
+        ("cifar/wrn16_4", "layernorm", torch.nn.GroupNorm, 13),
+        ("cifar/vgg", "none", None, 0),
+        ("small/mlp", "batchnorm", torch.nn.BatchNorm1d, 2),
+        ("small/row_rnn", "layernorm", torch.nn.LayerNorm, 1),
+    ],
+)
+def test_backbones_are_built_with_the_chosen_normalization(backbone, norm, layer_type, count):
+    model = create_backbone(
+        backbone, 10, norm=norm, norm_options={} if norm != "lpnorm" else {"p": 1}
+    )
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
+             lw.LpNorm, lw.StreamingNorm)  # fmt: skip
+    found = [m for m in model.modules() if isinstance(m, norms)]
+    assert len(found) == count and all(isinstance(m, layer_type) for m in found)
+    shape = (2, 3, 8, 8) if backbone == "small/mlp" else (2, 3, 16, 16)
+    assert model(torch.randn(shape)).shape == (2, 10)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        create_backbone(backbone, 10, norm="groupnorm")
+
+
+def test_small_backbones_check_their_input_and_the_rnn_shares_one_window_per_step():
+    with pytest.raises(ValueError, match=r"MLP: expected inputs with 192 values \(in_features\)"):
+        create_backbone("small/mlp", 10)(torch.randn(2, 3, 16, 16))
+    rnn = create_backbone("small/row_rnn", 10, input_size=16)
+    with pytest.raises(ValueError, match=r"RowRNN: expected images \(N, C, H, 16\)"):
+        rnn(torch.randn(2, 3, 8, 8))
+    norm = rnn.norm
+    assert isinstance(norm, lw.StreamingNorm)
+    logits = rnn(torch.randn(1, 3, 16, 16))  # 16 time steps, batch size 1
+    assert int(norm.short_count) == 16 and int(norm.num_batches_tracked) == 0
+    logits.sum().backward()
+    assert int(norm.num_batches_tracked) == 1 and int(norm.grad_windows) == 1
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_batch_size_one_is_refused_for_batch_statistics_with_a_clear_error():
+    Digits(batch_size=1)  # allowed by the datamodule
+    x, y = torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long)
+    model = lw.ImageClassifier(backbone="cifar/resnetv2_20", num_classes=10)
+    with pytest.raises(
+        ValueError,
+        match=r"one sample \(batch_size=1\), but 'net.layer1.0.bn1' \(BatchNorm2d\).*norm: streaming",
+    ):
+        model.training_step((x, y), 0)
+    model = lw.ImageClassifier(backbone="cifar/resnetv2_20", num_classes=10,
+                               backbone_options={"norm": "lpnorm"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"'net.layer1.0.bn1' \(LpNorm\)"):
+        model.training_step((x, y), 0)
+    model = lw.ImageClassifier(backbone="cifar/resnetv2_20", num_classes=10,
+                               backbone_options={"norm": "streaming"})  # fmt: skip
+    assert torch.isfinite(model.training_step((x, y), 0))

@@ -30,7 +30,8 @@ def test_recipe_parses(recipe, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].endswith("ImageClassifier")
-    header = recipe.read_text().splitlines()[:20]
+    lines = recipe.read_text().splitlines()
+    header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
     assert any(line.startswith("# EXPECTED") for line in header), (
         "header states the expected result"
     )
@@ -72,8 +73,9 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
         config["data"]["init_args"].update(
             {"root": str(root), "image_size": 32, "batch_size": 6, "num_workers": 0}
         )
-    elif name == "Digits":
-        config["data"]["init_args"]["batch_size"] = 16
+    elif name == "Digits":  # online recipes keep their batch size of 1
+        init = config["data"]["init_args"]
+        init["batch_size"] = min(16, init.get("batch_size", 16))
     init = config["model"]["init_args"]
     if init.get("checkpoint_path"):
         backbone = init["backbone"].split("/", 1)[1]
@@ -97,9 +99,11 @@ def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, lw.WhiteningCallback)]
     whitening = [m for m in model.modules() if isinstance(m, WhiteningNorm)]
     if callbacks:
-        assert whitening and callbacks[0].report.num_replaced == len(whitening)
+        report = callbacks[0].report
+        assert whitening and report.num_replaced + len(report.inserted) == len(whitening)
+        assert len(report.inserted) == len(callbacks[0].spec.insert)
         if callbacks[0].spec.placement == "first":
-            assert len(whitening) == 1
+            assert report.num_replaced == 1
     else:
         assert not whitening
     assert cli.trainer.state.finished
@@ -108,6 +112,17 @@ def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
     if sam:  # the SAM recipes took their step with NormSAM (and logged its sharpness)
         assert sam[0].sam_steps == 1
         assert torch.isfinite(cli.trainer.callback_metrics["sam/sharpness_step"])
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "none"])
+def test_recurrent_recipe_variants_from_the_command_line(norm, tmp_path):
+    # The header's command-line variants: LayerNorm or no normalization inside the recurrence.
+    recipe = Path(__file__).parent.parent / "recipes" / "recurrent_digits_rnn.yaml"
+    cli = run(["fit", "--config", str(shrink(recipe, tmp_path)), "--trainer.fast_dev_run", "true",
+               "--model.init_args.backbone_options", f"{{norm: {norm}}}"])  # fmt: skip
+    rnn = cli.model.net
+    assert isinstance(rnn.norm, torch.nn.LayerNorm if norm == "layernorm" else torch.nn.Identity)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
 def test_command_line_exits_with_status_zero(tmp_path):

@@ -1,5 +1,10 @@
 """Tensor math of the normalization layers (plain PyTorch, no module state).
 
+* :mod:`.lp`: per-channel Lp normalization (LpNorm): the fused training op :func:`lp_normalize`
+  with a pluggable :class:`StatisticsRule`, :func:`channel_affine`, :func:`gaussian_abs_moment`.
+* :mod:`.streaming`: streaming normalization statistics (StreamingNorm):
+  :class:`StreamingStatistics`, :class:`StreamingState`, :func:`close_window`.
+
 Group-wise batch whitening (IterNorm, DBN, SWBN):
 
 * :func:`whiten`: the fused training op ``y = weight * (W (x - mean)) + bias`` with
@@ -15,6 +20,14 @@ Group-wise batch whitening (IterNorm, DBN, SWBN):
 """
 
 from ._backend import GroupLayout, canonicalize, full_precision, group_layout, valid_mask
+from .lp import (
+    LpResult,
+    StatisticsRule,
+    channel_affine,
+    gaussian_abs_moment,
+    lp_inference_scale,
+    lp_normalize,
+)
 from .maps import (
     IterNormMap,
     IterNormMethod,
@@ -26,6 +39,7 @@ from .maps import (
     standardize_matrix,
     zca_matrix,
 )
+from .streaming import StreamingState, StreamingStatistics, close_window
 from .whitening import (
     BatchMoments,
     WhitenResult,
@@ -42,17 +56,26 @@ __all__ = [
     "GroupLayout",
     "IterNormMap",
     "IterNormMethod",
+    "LpResult",
     "MatrixMap",
     "SWBNCriterion",
     "StandardizeMap",
+    "StatisticsRule",
+    "StreamingState",
+    "StreamingStatistics",
     "WhitenResult",
     "ZCAMap",
     "batch_covariance",
     "canonicalize",
+    "channel_affine",
+    "close_window",
     "full_precision",
+    "gaussian_abs_moment",
     "group_layout",
     "grouped_affine",
     "iternorm_matrix",
+    "lp_inference_scale",
+    "lp_normalize",
     "newton_residual",
     "standardize_matrix",
     "swbn_update",

@@ -1,5 +1,6 @@
-"""CIFAR-sized architectures used by the whitening papers (all normalization is BatchNorm, to
-be converted by :func:`lightning_whiten.convert` or the callback).
+"""CIFAR-sized architectures used by the whitening papers (normalization is BatchNorm by default,
+to be converted by :func:`lightning_whiten.convert` or the callback; ``norm`` builds them with
+another layer directly, e.g. ``norm="streaming"`` for online training at batch size 1).
 
 * :func:`wide_resnet` -- Wide ResNet (Zagoruyko & Komodakis 2016), pre-activation blocks;
   WRN-28-10 is the IterNorm paper's CIFAR network.
@@ -12,8 +13,11 @@ be converted by :func:`lightning_whiten.convert` or the callback).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
+
+from .norms import NormName, make_norm
 
 __all__ = ["CIFAR_MODELS", "preact_resnet", "vgg_e", "wide_resnet"]
 
@@ -21,12 +25,14 @@ __all__ = ["CIFAR_MODELS", "preact_resnet", "vgg_e", "wide_resnet"]
 class _PreActBlock(nn.Module):
     """BN-ReLU-conv, BN-ReLU-(dropout)-conv, plus an identity or 1x1 projection shortcut."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, dropout: float = 0.0, norm=nn.BatchNorm2d
+    ) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = norm(in_planes)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm(planes)
         self.relu2 = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
@@ -44,7 +50,12 @@ class _PreActBlock(nn.Module):
 
 class _PreActResNet(nn.Module):
     def __init__(
-        self, depth: int, widths: tuple[int, int, int, int], num_classes: int, dropout: float
+        self,
+        depth: int,
+        widths: tuple[int, int, int, int],
+        num_classes: int,
+        dropout: float,
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         if (depth - 4) % 6 and (depth - 2) % 6:
@@ -56,13 +67,12 @@ class _PreActResNet(nn.Module):
         for i, planes in enumerate(widths[1:]):
             layers = []
             for j in range(blocks):
-                layers.append(
-                    _PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout)
-                )
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(_PreActBlock(in_planes, planes, stride, dropout, norm))
                 in_planes = planes
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
-        self.bn = nn.BatchNorm2d(in_planes)
+        self.bn = norm(in_planes)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
@@ -77,25 +87,52 @@ class _PreActResNet(nn.Module):
         return self.fc(self.pool(self.relu(self.bn(x))).flatten(1))
 
 
+def _norm_factory(
+    norm: NormName, norm_options: dict[str, Any] | None
+) -> Callable[[int], nn.Module]:
+    options = dict(norm_options or {})
+    make_norm(norm, 1, 2, **options)  # a bad name or option fails here, before any layer
+    return lambda channels: make_norm(norm, channels, 2, **options)
+
+
 def wide_resnet(
-    depth: int = 28, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0
+    depth: int = 28,
+    widen_factor: int = 10,
+    num_classes: int = 10,
+    dropout: float = 0.0,
+    norm: NormName = "batchnorm",
+    norm_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """WRN-depth-k: widths 16, 16k, 32k, 64k; (depth - 4) / 6 blocks per stage."""
     if (depth - 4) % 6:
         raise ValueError(f"wide_resnet: depth must be 6n + 4, got {depth}")
     k = widen_factor
-    return _PreActResNet(depth, (16, 16 * k, 32 * k, 64 * k), num_classes, dropout)
+    return _PreActResNet(
+        depth, (16, 16 * k, 32 * k, 64 * k), num_classes, dropout, _norm_factory(norm, norm_options)
+    )
 
 
-def preact_resnet(depth: int = 56, num_classes: int = 10) -> nn.Module:
+def preact_resnet(
+    depth: int = 56,
+    num_classes: int = 10,
+    norm: NormName = "batchnorm",
+    norm_options: dict[str, Any] | None = None,
+) -> nn.Module:
     """Pre-activation ResNet for CIFAR (ResNetV2): widths 16, 32, 64; (depth - 2) / 6 blocks."""
     if (depth - 2) % 6:
         raise ValueError(f"preact_resnet: depth must be 6n + 2, got {depth}")
-    return _PreActResNet(depth, (16, 16, 32, 64), num_classes, 0.0)
+    return _PreActResNet(
+        depth, (16, 16, 32, 64), num_classes, 0.0, _norm_factory(norm, norm_options)
+    )
 
 
 class _VGG(nn.Module):
-    def __init__(self, config: list[int | str], num_classes: int) -> None:
+    def __init__(
+        self,
+        config: list[int | str],
+        num_classes: int,
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
@@ -105,7 +142,7 @@ class _VGG(nn.Module):
             else:
                 layers += [
                     nn.Conv2d(channels, int(v), 3, padding=1, bias=False),
-                    nn.BatchNorm2d(int(v)),
+                    norm(int(v)),
                     nn.ReLU(inplace=True),
                 ]
                 channels = int(v)
@@ -145,29 +182,36 @@ _VGG_E = [
 ]
 
 
-def vgg_e(num_classes: int = 10) -> nn.Module:
+def vgg_e(
+    num_classes: int = 10, norm: NormName = "batchnorm", norm_options: dict[str, Any] | None = None
+) -> nn.Module:
     """VGG with 16 convolutions (configuration E), BatchNorm after every convolution."""
-    return _VGG(_VGG_E, num_classes)
+    return _VGG(_VGG_E, num_classes, _norm_factory(norm, norm_options))
 
 
-def _wrn28_10(num_classes: int = 10, dropout: float = 0.3) -> nn.Module:
-    return wide_resnet(28, 10, num_classes, dropout)
+def _wrn28_10(num_classes: int = 10, dropout: float = 0.3, norm: NormName = "batchnorm",
+              norm_options: dict[str, Any] | None = None) -> nn.Module:  # fmt: skip
+    return wide_resnet(28, 10, num_classes, dropout, norm=norm, norm_options=norm_options)
 
 
-def _wrn16_4(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
-    return wide_resnet(16, 4, num_classes, dropout)
+def _wrn16_4(num_classes: int = 10, dropout: float = 0.0, norm: NormName = "batchnorm",
+             norm_options: dict[str, Any] | None = None) -> nn.Module:  # fmt: skip
+    return wide_resnet(16, 4, num_classes, dropout, norm=norm, norm_options=norm_options)
 
 
-def _resnetv2_56(num_classes: int = 10) -> nn.Module:
-    return preact_resnet(56, num_classes)
+def _resnetv2_56(num_classes: int = 10, norm: NormName = "batchnorm",
+                 norm_options: dict[str, Any] | None = None) -> nn.Module:  # fmt: skip
+    return preact_resnet(56, num_classes, norm=norm, norm_options=norm_options)
 
 
-def _resnetv2_20(num_classes: int = 10) -> nn.Module:
-    return preact_resnet(20, num_classes)
+def _resnetv2_20(num_classes: int = 10, norm: NormName = "batchnorm",
+                 norm_options: dict[str, Any] | None = None) -> nn.Module:  # fmt: skip
+    return preact_resnet(20, num_classes, norm=norm, norm_options=norm_options)
 
 
 #: ``"cifar/<name>"`` backbones of :class:`lightning_whiten.ImageClassifier`; each takes
-#: ``num_classes`` and the options in its signature (``backbone_options``), nothing else.
+#: ``num_classes`` and the options in its signature (``backbone_options``), nothing else:
+#: ``norm``/``norm_options`` (all) and ``dropout`` (the wide ResNets).
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn28_10": _wrn28_10,
     "wrn16_4": _wrn16_4,

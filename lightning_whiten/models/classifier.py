@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .cifar import CIFAR_MODELS
+from .small import SMALL_MODELS
 
 __all__ = ["ImageClassifier", "create_backbone"]
 
@@ -46,8 +47,10 @@ def create_backbone(
     checkpoint_path: str | None = None,
     **options: Any,
 ) -> nn.Module:
-    """A classification network by name: ``"timm/<model>"``, ``"torchvision/<model>"`` or
-    ``"cifar/<model>"`` (``wrn28_10``, ``wrn16_4``, ``vgg``, ``resnetv2_56``, ``resnetv2_20``).
+    """A classification network by name: ``"timm/<model>"``, ``"torchvision/<model>"``,
+    ``"cifar/<model>"`` (``wrn28_10``, ``wrn16_4``, ``vgg``, ``resnetv2_56``, ``resnetv2_20``;
+    options ``norm``, ``norm_options``) or ``"small/<model>"`` (``mlp``, ``row_rnn``: the online
+    and recurrent networks of :mod:`lightning_whiten.models.small`).
 
     ``checkpoint_path`` loads weights from a local file (timm's ``pretrained_cfg_overlay=
     {"file": ...}`` for timm models); a classifier for another number of classes is
@@ -56,7 +59,8 @@ def create_backbone(
     library, _, arch = name.partition("/")
     if not arch:
         raise ValueError(
-            f"backbone {name!r}: expected 'timm/<model>', 'torchvision/<model>' or 'cifar/<model>'"
+            f"backbone {name!r}: expected 'timm/<model>', 'torchvision/<model>', 'cifar/<model>' "
+            "or 'small/<model>'"
         )
     if checkpoint_path is not None and not Path(checkpoint_path).is_file():
         raise FileNotFoundError(
@@ -84,16 +88,18 @@ def create_backbone(
             model = torchvision.models.get_model(
                 arch, weights=None, num_classes=num_classes, **options
             )
-        elif library == "cifar":
-            if arch not in CIFAR_MODELS:
+        elif library in ("cifar", "small"):
+            registry = CIFAR_MODELS if library == "cifar" else SMALL_MODELS
+            if arch not in registry:
                 raise ValueError(
-                    f"unknown CIFAR backbone {arch!r}: choose one of {sorted(CIFAR_MODELS)}"
+                    f"unknown {'CIFAR' if library == 'cifar' else library} backbone {arch!r}: "
+                    f"choose one of {sorted(registry)}"
                 )
             if pretrained and checkpoint_path is None:
                 raise ValueError(
-                    "cifar backbones have no downloadable weights: pass checkpoint_path"
+                    f"{library} backbones have no downloadable weights: pass checkpoint_path"
                 )
-            factory = CIFAR_MODELS[arch]
+            factory = registry[arch]
             accepted = [p for p in inspect.signature(factory).parameters if p != "num_classes"]
             unknown = sorted(set(options) - set(accepted))
             if unknown:
@@ -104,7 +110,7 @@ def create_backbone(
             model = factory(num_classes, **options)
         else:
             raise ValueError(
-                f"backbone {name!r}: unknown library {library!r} (timm, torchvision or cifar)"
+                f"backbone {name!r}: unknown library {library!r} (timm, torchvision, cifar or small)"
             )
     except (OSError, RuntimeError) as err:
         if pretrained and checkpoint_path is None:
@@ -136,8 +142,14 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
 class ImageClassifier(pl.LightningModule):
     """Image classification with a backbone from timm, torchvision or the CIFAR models.
 
+    Training batches of one sample (online learning) need a network whose normalization layers
+    do not use batch statistics (:class:`StreamingNorm`, LayerNorm, none): with BatchNorm,
+    LpNorm or a whitening layer in training mode the first such batch raises an error naming
+    the layer.
+
     Args:
-        backbone: ``"timm/resnet18"``, ``"torchvision/resnet18"``, ``"cifar/wrn28_10"``, ...
+        backbone: ``"timm/resnet18"``, ``"torchvision/resnet18"``, ``"cifar/wrn28_10"``,
+            ``"small/mlp"``, ...
         num_classes: output classes (the CLI links it from the datamodule).
         pretrained: download pretrained weights (needs network; see ``checkpoint_path``).
         checkpoint_path: load backbone weights from a local file.
@@ -212,12 +224,33 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
+        if x.shape[0] == 1 and not self._online_checked:
+            self._check_online_training()
         logits = self(x)
         loss = self.criterion(logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    _online_checked = False
+
+    def _check_online_training(self) -> None:
+        """A batch of one sample: refuse layers that normalize with batch statistics."""
+        from ..layers import PerChannelNorm, WhiteningNorm
+
+        for name, module in self.named_modules():
+            batch_stats = isinstance(module, (nn.modules.batchnorm._BatchNorm, WhiteningNorm)) or (
+                isinstance(module, PerChannelNorm) and module.uses_batch_statistics
+            )
+            if batch_stats and module.training:
+                raise ValueError(
+                    f"ImageClassifier: training batches of one sample (batch_size=1), but "
+                    f"'{name}' ({type(module).__name__}) normalizes with batch statistics, which "
+                    "need more than one sample; use a larger batch_size or a normalizer that "
+                    "trains online, e.g. backbone_options: {norm: streaming} (StreamingNorm)"
+                )
+        self._online_checked = True
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, y = batch
