@@ -2,7 +2,7 @@
 
 from . import diagnostics, functional, schedules
 from .checkpoint import load_converted
-from .layers import DBN, SWBN, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
+from .layers import DBN, SWBN, ConvNorm2d, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
 from .surgery import ConversionReport, convert, export
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DBN",
     "SWBN",
+    "ConvNorm2d",
     "ConversionReport",
     "DBNAct",
     "ImageClassifier",

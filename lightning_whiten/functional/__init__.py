@@ -2,8 +2,18 @@
 
 * :mod:`.whitening`: group-wise batch whitening (IterNorm, DBN, SWBN): the fused training op
   :func:`whiten`, the covariance-to-whitening-matrix maps and their building blocks.
+* :mod:`.convnorm`: convolutional normalization (ConvNorm): the Fourier-domain preconditioner
+  :func:`convnorm_preconditioner` and the preconditioned convolution :func:`convnorm_conv2d`.
 """
 
+from .convnorm import (
+    convnorm_conv2d,
+    convnorm_preconditioner,
+    full_conv_size,
+    kernel_autocorrelation,
+    power_spectrum,
+    precondition,
+)
 from .whitening import (
     BatchMoments,
     GroupLayout,
@@ -41,10 +51,16 @@ __all__ = [
     "ZCAMap",
     "batch_covariance",
     "canonicalize",
+    "convnorm_conv2d",
+    "convnorm_preconditioner",
+    "full_conv_size",
     "group_layout",
     "grouped_affine",
     "iternorm_matrix",
+    "kernel_autocorrelation",
     "newton_residual",
+    "power_spectrum",
+    "precondition",
     "standardize_matrix",
     "swbn_update",
     "valid_mask",

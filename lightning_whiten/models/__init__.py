@@ -1,6 +1,6 @@
 """Models for the recipes: the ImageClassifier LightningModule and CIFAR architectures."""
 
-from .cifar import CIFAR_MODELS, preact_resnet, vgg_e, wide_resnet
+from .cifar import CIFAR_MODELS, preact_resnet, resnet18, vgg_e, wide_resnet
 from .classifier import ImageClassifier, create_backbone
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "ImageClassifier",
     "create_backbone",
     "preact_resnet",
+    "resnet18",
     "vgg_e",
     "wide_resnet",
 ]
