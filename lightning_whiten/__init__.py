@@ -1,6 +1,6 @@
 """lightning-whiten: batch whitening (IterNorm, DBN, SWBN) for PyTorch and PyTorch Lightning."""
 
-from . import diagnostics, functional, schedules
+from . import adversarial, diagnostics, functional, schedules
 from .checkpoint import load_converted
 from .layers import DBN, SWBN, ConvNorm2d, DBNAct, IterNorm, IterNormAct, SWBNAct, WhiteningNorm
 from .surgery import ConversionReport, convert, export
@@ -21,6 +21,7 @@ __all__ = [
     "WhiteningMonitor",
     "WhiteningNorm",
     "__version__",
+    "adversarial",
     "convert",
     "diagnostics",
     "export",

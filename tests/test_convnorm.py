@@ -227,7 +227,7 @@ def test_affine_conv_and_batchnorm():
 # Running estimate, resolution, state dict
 # ---------------------------------------------------------------------------------------------
 def autocorrelation_reference(w: torch.Tensor) -> torch.Tensor:
-    c_out, c_in, kh, kw = w.shape
+    c_out, _, kh, kw = w.shape
     r = torch.zeros(c_out, 2 * kh - 1, 2 * kw - 1, dtype=torch.float64)
     a = w.double()
     for th in range(-(kh - 1), kh):
@@ -265,10 +265,9 @@ def test_running_estimate_is_the_authors_average_and_evaluates_at_any_resolution
     seen = train_steps(layer, 7, size=8)
     expected = autocorrelation_reference(seen[0])
     for t, w in enumerate(seen, start=1):
-        if mode == "momentum":
-            f = 0.3
-        else:  # the authors' ramp: max(0.5 (cos(pi t / T) + 1), 0.01), t counted from 1
-            f = max(0.5 * (math.cos(math.pi * min(t, 5) / 5) + 1), 0.01)
+        # momentum, or the authors' ramp max(0.5 (cos(pi t / T) + 1), 0.01), t counted from 1
+        cosine = max(0.5 * (math.cos(math.pi * min(t, 5) / 5) + 1), 0.01)
+        f = 0.3 if mode == "momentum" else cosine
         expected = (1 - f) * expected + f * autocorrelation_reference(w)
     torch.testing.assert_close(layer.running_autocorr.double(), expected, rtol=1e-5, atol=1e-6)
     assert int(layer.num_batches_tracked) == 7

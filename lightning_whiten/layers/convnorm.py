@@ -368,10 +368,12 @@ class ConvNorm2d(nn.Module):
                 if self.kernel_size == (1, 1):
                     z = z * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
                 else:  # "same" padding, the extra row/column of an even kernel at the end
-                    (kh, kw), pads = self.kernel_size, []
-                    for k in (kw, kh):
-                        pads += [(k - 1) // 2, k - 1 - (k - 1) // 2]
-                    z = F.conv2d(F.pad(z, pads), weight, bias, groups=self.out_channels)
+                    kh, kw = self.kernel_size
+                    if kh % 2 and kw % 2:
+                        padding: Any = (kh // 2, kw // 2)
+                    else:
+                        z, padding = F.pad(z, [(kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2]), 0
+                    z = F.conv2d(z, weight, bias, padding=padding, groups=self.out_channels)
         z = z.to(x.dtype)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             z = z.contiguous(memory_format=torch.channels_last)
