@@ -21,6 +21,7 @@ module reproduces exactly (tested against a direct reference):
    ``(C_out, N_h, N_w // 2 + 1)``).
 3. crop ``k - 1 - padding`` from each side (the rows/columns a plain convolution with
    ``padding`` would not produce) and subsample by the stride.
+
 Where this differs from the authors' code, deliberately:
 
 * ``eps`` (theirs has none: a kernel with a zero of ``S`` gives inf/NaN);
@@ -81,6 +82,12 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _spectrum_dtype(t: Tensor) -> torch.dtype:
+    # The autocorrelation and the spectrum are tiny ((C_out, 2k - 1, 2k - 1) and (C_out, N, N)):
+    # float64 costs nothing and keeps V exact to float32 whatever the matmul precision (TF32).
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
 def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager:
     if t.device.type in ("cpu", "cuda", "xpu", "mps"):
         return torch.autocast(device_type=t.device.type, enabled=False)
@@ -121,14 +128,15 @@ def kernel_autocorrelation(weight: Tensor) -> Tensor:
 
     ``r_i(t) = sum_j sum_m a_ij(m) a_ij(m + t)`` for lags ``t`` in ``[-(k - 1), k - 1]``,
     returned with lag ``t`` at index ``t + k - 1``: shape ``(C_out, 2 k_h - 1, 2 k_w - 1)``. It is
-    symmetric (``r_i(-t) = r_i(t)``) and ``r_i(0) = sum_j ||a_ij||^2``. Computed in float32
-    (float64 for float64 weights) whatever the autocast state; differentiable.
+    symmetric (``r_i(-t) = r_i(t)``) and ``r_i(0) = sum_j ||a_ij||^2``. Computed and returned in
+    float64 (float32 on MPS) whatever the weight's dtype, autocast or matmul precision;
+    differentiable.
     """
     if weight.dim() != 4:
         raise ValueError(f"weight must be (C_out, C_in, k_h, k_w), got shape {tuple(weight.shape)}")
     c_out, c_in, kh, kw = weight.shape
     with _no_autocast(weight):
-        flat = weight.to(_compute_dtype(weight)).reshape(c_out, c_in, kh * kw)
+        flat = weight.to(_spectrum_dtype(weight)).reshape(c_out, c_in, kh * kw)
         # Per output channel the Gram matrix of kernel positions over input channels,
         # G_i(m, m') = sum_j a_ij(m) a_ij(m'), then r_i(t) = sum_{m' - m = t} G_i(m, m'): one
         # batched matmul (a grouped convolution computing the same is several times slower).
@@ -173,7 +181,8 @@ def power_spectrum(
         dilation: the convolution's dilation ``d``; the dilated kernel's spectrum is used.
 
     Returns:
-        ``(C_out, N_h, N_w // 2 + 1)`` (the rfft2 layout), real and >= 0 (rounding clamped).
+        ``(C_out, N_h, N_w // 2 + 1)`` (the rfft2 layout), real and >= 0 (rounding clamped), in
+        float64 (float32 on MPS).
 
     ``S(f_h, f_w) = sum_t r(t) exp(-2 pi i (f_h d_h t_h / N_h + f_w d_w t_w / N_w))``; since ``r`` is
     symmetric this is real: ``C_h r C_w^T - S_h r S_w^T`` with cosine/sine DFT matrices.
@@ -187,7 +196,7 @@ def power_spectrum(
             f"({dh * (lh - 1) // 2 + 1}, {dw * (lw - 1) // 2 + 1})"
         )
     with _no_autocast(autocorrelation):
-        r = autocorrelation.to(_compute_dtype(autocorrelation))
+        r = autocorrelation.to(_spectrum_dtype(autocorrelation))
         cos_h, sin_h = _dft_matrices(nh, lh, dh, nh, r)
         cos_w, sin_w = _dft_matrices(nw, lw, dw, nw // 2 + 1, r)
         spectrum = cos_h @ r @ cos_w.T - sin_h @ r @ sin_w.T
@@ -217,7 +226,8 @@ def convnorm_preconditioner(
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     r = kernel_autocorrelation(weight.detach())
-    return (power_spectrum(r, output_size, dilation) + eps).rsqrt()
+    v = (power_spectrum(r, output_size, dilation) + eps).rsqrt()
+    return v.to(_compute_dtype(weight))
 
 
 def precondition(y: Tensor, preconditioner: Tensor) -> Tensor:

@@ -334,8 +334,8 @@ class ConvNorm2d(nn.Module):
         return CF.full_conv_size(input_size, self.kernel_size, self.dilation)
 
     def preconditioner(self, input_size: tuple[int, int]) -> Tensor:
-        """``V`` (``(C_out, N_h, N_w // 2 + 1)``) that eval uses for an ``H x W`` input: from the
-        running estimate if there is one, else from the current weight."""
+        """``V`` (``(C_out, N_h, N_w // 2 + 1)``, float64) that eval uses for an ``H x W`` input:
+        from the running estimate if there is one, else from the current weight."""
         r = self.running_autocorr
         if r is None:
             r = CF.kernel_autocorrelation(self.weight.detach())
@@ -343,7 +343,7 @@ class ConvNorm2d(nn.Module):
 
     def _v(self, autocorr: Tensor, input_size: tuple[int, int]) -> Tensor:
         spectrum = CF.power_spectrum(autocorr, self.fft_size(input_size), self.dilation)
-        return (spectrum + self.eps).rsqrt()
+        return (spectrum + self.eps).rsqrt()  # float64; cast to the FFTs' dtype where used
 
     def forward(self, x: Tensor) -> Tensor:
         unbatched = x.dim() == 3
