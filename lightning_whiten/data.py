@@ -113,7 +113,13 @@ class Digits(ImageDataModule):
         self.val_fraction = val_fraction
         self.augment = augment
         self.seed = seed
-        self.input_space = self.pixel_space(image_size)
+        self._input_space: InputSpace | None = None
+
+    @property
+    def input_space(self) -> InputSpace:  # type: ignore[override]
+        if self._input_space is None:  # loads the digits: only when an attack asks
+            self._input_space = self.pixel_space(self.image_size)
+        return self._input_space
 
     @staticmethod
     def tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
