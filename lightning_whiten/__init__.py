@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
+    "ConvNorm2d": "layers",
     "DBN": "layers",
     "DBNAct": "layers",
     "IterNorm": "layers",
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "ImageClassifier": "models",
 }
 _SUBMODULES = (
+    "adversarial",
     "callbacks",
     "checkpoint",
     "cli",
@@ -59,6 +61,7 @@ _SUBMODULES = (
 __all__ = [
     "DBN",
     "SWBN",
+    "ConvNorm2d",
     "ConversionPlan",
     "ConversionReport",
     "ConversionSpec",
@@ -77,6 +80,7 @@ __all__ = [
     "WhiteningMonitor",
     "WhiteningNorm",
     "__version__",
+    "adversarial",
     "convert",
     "diagnostics",
     "export",
@@ -106,7 +110,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
-    from . import diagnostics, functional, registry, sam, schedules, surgery
+    from . import adversarial, diagnostics, functional, registry, sam, schedules, surgery
     from .callbacks import (
         NormalizationAnalysis,
         NormSAMCallback,
@@ -117,6 +121,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
     from .layers import (
         DBN,
         SWBN,
+        ConvNorm2d,
         DBNAct,
         IterNorm,
         IterNormAct,

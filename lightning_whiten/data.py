@@ -2,6 +2,8 @@
 
 Every datamodule exposes ``num_classes`` and ``image_size`` (linked to the model by the CLI),
 ``batch_size`` and ``num_workers``, and uses the standard augmentations of its dataset.
+``input_space`` says how its normalized images relate to pixels in ``[0, 1]`` (per-channel mean
+and std), which adversarial attacks need to bound perturbations in pixel units.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .adversarial import InputSpace
+
 __all__ = ["CIFAR10", "CIFAR100", "Digits", "ImageDataModule", "ImageFolder", "SyntheticImages"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,6 +28,8 @@ class ImageDataModule(pl.LightningDataModule):
     """Base of the datamodules: ``num_classes``, ``batch_size``, ``num_workers`` and loaders."""
 
     num_classes: int = 0
+    #: Pixels in [0, 1] -> model inputs ``(p - mean) / std`` (``None``: unknown).
+    input_space: InputSpace | None = None
 
     def __init__(
         self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False
@@ -110,6 +116,13 @@ class Digits(ImageDataModule):
         self.val_fraction = val_fraction
         self.augment = augment
         self.seed = seed
+        self._input_space: InputSpace | None = None
+
+    @property
+    def input_space(self) -> InputSpace:  # type: ignore[override]
+        if self._input_space is None:  # loads the digits: only when an attack asks
+            self._input_space = self.pixel_space(self.image_size)
+        return self._input_space
 
     @staticmethod
     def tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +130,25 @@ class Digits(ImageDataModule):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        images = torch.nn.functional.interpolate(
-            images, size=image_size, mode="bilinear", align_corners=False
-        )
+        images = Digits._pixels(digits.images, image_size)
         images = (images - images.mean()) / images.std()
         return images.repeat(1, 3, 1, 1).contiguous(), torch.tensor(digits.target, dtype=torch.long)
+
+    @staticmethod
+    def _pixels(raw, image_size: int) -> torch.Tensor:
+        images = torch.tensor(raw, dtype=torch.float32).unsqueeze(1) / 16.0
+        return torch.nn.functional.interpolate(
+            images, size=image_size, mode="bilinear", align_corners=False
+        )
+
+    @staticmethod
+    def pixel_space(image_size: int = 32) -> InputSpace:
+        """The normalization of :meth:`tensors`: one mean and std over all pixels in [0, 1]."""
+        from sklearn.datasets import load_digits
+
+        images = Digits._pixels(load_digits().images, image_size)
+        mean, std = images.mean().item(), images.std().item()
+        return InputSpace((mean,) * 3, (std,) * 3)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -143,7 +169,12 @@ class Digits(ImageDataModule):
 
 
 class SyntheticImages(ImageDataModule):
-    """Made-up images for smoke tests: each class is a fixed random pattern plus noise."""
+    """Made-up images for smoke tests: each class is a fixed random pattern plus noise.
+
+    They are not images in [0, 1]: ``input_space`` is unbounded (attack epsilons in input units).
+    """
+
+    input_space = InputSpace.unbounded()
 
     def __init__(self, num_classes: int = 10, image_size: int = 32, num_train: int = 512,
                  num_val: int = 128, noise: float = 1.0, seed: int = 0, batch_size: int = 64,
@@ -181,6 +212,7 @@ class _CIFAR(ImageDataModule):
         self.data_dir = data_dir
         self.download = download
         self.autoaugment = autoaugment
+        self.input_space = InputSpace(self._mean, self._std)
 
     def _dataset(self, train: bool, transform: Any = None):
         import torchvision.datasets
@@ -254,6 +286,7 @@ class ImageFolder(ImageDataModule):
                  batch_size: int = 64, num_workers: int = 4,
                  pin_memory: bool = False) -> None:  # fmt: skip
         super().__init__(batch_size, num_workers, pin_memory)
+        self.input_space = InputSpace(IMAGENET_MEAN, IMAGENET_STD)
         self.root = Path(root)
         self.image_size = image_size
         self.train_dir, self.val_dir = train_dir, val_dir

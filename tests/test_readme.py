@@ -106,3 +106,29 @@ def test_sam_examples_run(tmp_path):
     cli = run(["fit", "--config", str(path)])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormSAMCallback)]
     assert callback.sam_steps == 2 and callback.sam.normalize_bias
+
+
+def test_convnorm_examples_run(tmp_path):
+    from lightning.pytorch import Trainer
+
+    (example,) = blocks("python", "ConvNorm")
+    namespace: dict = {}
+    exec(example, namespace)
+    assert namespace["y"].shape == (8, 128, 16, 16)
+    assert namespace["V"].shape == (64, 58, 30)
+    assert isinstance(namespace["model"].layer1[0].conv1, lw.ConvNorm2d)
+
+    (options,) = blocks("yaml", "ConvNorm")
+    init = yaml.safe_load(options)["model"]["init_args"]
+    model = lw.ImageClassifier(
+        "cifar/resnet18", num_classes=4, backbone_options={"width": 4, "conv": "convnorm"}, **init
+    )
+    datamodule = lw.data.SyntheticImages(
+        num_classes=4, image_size=8, num_train=8, num_val=8, batch_size=8
+    )
+    trainer = Trainer(
+        fast_dev_run=True, accelerator="cpu", enable_progress_bar=False,
+        default_root_dir=str(tmp_path), enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule)
+    assert {"val/acc_pgd20", "val/acc_fgsm"} <= set(trainer.callback_metrics)

@@ -77,6 +77,8 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
         init = config["data"]["init_args"]
         init["batch_size"] = min(16, init.get("batch_size", 16))
     init = config["model"]["init_args"]
+    if init.get("robust_eval"):  # a few attack steps are enough to run the code path
+        init["robust_eval"]["pgd_steps"] = min(init["robust_eval"].get("pgd_steps", 20), 2)
     if init.get("checkpoint_path"):
         backbone = init["backbone"].split("/", 1)[1]
         weights = tmp_path / f"{backbone}.pth"

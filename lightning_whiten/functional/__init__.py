@@ -4,6 +4,8 @@
   with a pluggable :class:`StatisticsRule`, :func:`channel_affine`, :func:`gaussian_abs_moment`.
 * :mod:`.streaming`: streaming normalization statistics (StreamingNorm):
   :class:`StreamingStatistics`, :class:`StreamingState`, :func:`close_window`.
+* :mod:`.convnorm`: convolutional normalization (ConvNorm): the Fourier-domain preconditioner
+  :func:`convnorm_preconditioner` and the preconditioned convolution :func:`convnorm_conv2d`.
 
 Group-wise batch whitening (IterNorm, DBN, SWBN):
 
@@ -20,6 +22,14 @@ Group-wise batch whitening (IterNorm, DBN, SWBN):
 """
 
 from ._backend import GroupLayout, canonicalize, full_precision, group_layout, valid_mask
+from .convnorm import (
+    convnorm_conv2d,
+    convnorm_preconditioner,
+    full_conv_size,
+    kernel_autocorrelation,
+    power_spectrum,
+    precondition,
+)
 from .lp import (
     LpResult,
     StatisticsRule,
@@ -69,14 +79,20 @@ __all__ = [
     "canonicalize",
     "channel_affine",
     "close_window",
+    "convnorm_conv2d",
+    "convnorm_preconditioner",
+    "full_conv_size",
     "full_precision",
     "gaussian_abs_moment",
     "group_layout",
     "grouped_affine",
     "iternorm_matrix",
+    "kernel_autocorrelation",
     "lp_inference_scale",
     "lp_normalize",
     "newton_residual",
+    "power_spectrum",
+    "precondition",
     "standardize_matrix",
     "swbn_update",
     "valid_mask",

@@ -1,7 +1,7 @@
 """Models for the recipes: the ImageClassifier LightningModule, CIFAR architectures and the small
 online/recurrent networks."""
 
-from .cifar import CIFAR_MODELS, preact_resnet, vgg_e, wide_resnet
+from .cifar import CIFAR_MODELS, preact_resnet, resnet18, vgg_e, wide_resnet
 from .classifier import ImageClassifier, create_backbone
 from .norms import NORMS, make_norm
 from .small import MLP, SMALL_MODELS, RowRNN
@@ -16,6 +16,7 @@ __all__ = [
     "create_backbone",
     "make_norm",
     "preact_resnet",
+    "resnet18",
     "vgg_e",
     "wide_resnet",
 ]

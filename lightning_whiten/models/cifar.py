@@ -8,18 +8,20 @@ another layer directly, e.g. ``norm="streaming"`` for online training at batch s
   the IterNorm paper's CIFAR experiments.
 * :func:`preact_resnet` -- pre-activation ResNet ("ResNetV2") for CIFAR; ResNetV2-56 is the SWBN
   paper's CIFAR network.
+* :func:`resnet18` -- the CIFAR ResNet-18 (3x3 stem, no max-pool; the network of the ConvNorm
+  paper's robustness experiments), with ``conv="convnorm"`` for ConvNorm convolutions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
 from .norms import NormName, make_norm
 
-__all__ = ["CIFAR_MODELS", "preact_resnet", "vgg_e", "wide_resnet"]
+__all__ = ["CIFAR_MODELS", "preact_resnet", "resnet18", "vgg_e", "wide_resnet"]
 
 
 class _PreActBlock(nn.Module):
@@ -189,6 +191,92 @@ def vgg_e(
     return _VGG(_VGG_E, num_classes, _norm_factory(norm, norm_options))
 
 
+ConvKind = Literal["conv", "convnorm"]
+
+
+def _conv_factory(conv: ConvKind, options: dict[str, Any] | None) -> Callable[..., nn.Module]:
+    if conv == "conv":
+        if options:
+            raise ValueError(f"resnet18: conv_options need conv='convnorm', got {options}")
+        return nn.Conv2d
+    if conv == "convnorm":
+        from ..layers.convnorm import ConvNorm2d
+
+        def make(*args: Any, **kwargs: Any) -> nn.Module:
+            return ConvNorm2d(*args, **kwargs, **(options or {}))
+
+        return make
+    raise ValueError(f"resnet18: conv must be 'conv' or 'convnorm', got {conv!r}")
+
+
+class _BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the identity or a 1x1 conv-BN projection, then ReLU."""
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, conv: Callable[..., nn.Module]
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = (
+            nn.Sequential(
+                conv(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+            if stride != 1 or in_planes != planes
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class _ResNet18(nn.Module):
+    def __init__(self, num_classes: int, width: int, conv: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.conv1 = conv(3, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages, in_planes = [], width
+        for i in range(4):
+            planes = width * 2**i
+            first = _BasicBlock(in_planes, planes, 1 if i == 0 else 2, conv)
+            stages.append(nn.Sequential(first, _BasicBlock(planes, planes, 1, conv)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def resnet18(
+    num_classes: int = 10,
+    width: int = 64,
+    conv: ConvKind = "conv",
+    conv_options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The CIFAR ResNet-18 of the ConvNorm paper's code (``models/resnet.py``, after K. Liu's
+    pytorch-cifar): a 3x3 stride-1 stem without max-pool, stages of 2 basic blocks with widths
+    ``width x (1, 2, 4, 8)``, strides 1, 2, 2, 2, 1x1 projection shortcuts, global average
+    pooling (their ``avg_pool2d(4)`` for 32x32 inputs) and a linear classifier; PyTorch's
+    default initialization (their code sets none).
+
+    ``conv="convnorm"`` makes every convolution (stem, blocks, shortcuts) a
+    :class:`lightning_whiten.ConvNorm2d` with ``conv_options`` (e.g. ``running_v``,
+    ``affine_init``); the BatchNorm after each stays, which equals the authors' ``PreConv`` with
+    its built-in BatchNorm (``bn=True``) and ``norm_layer_type="no"``.
+    """
+    return _ResNet18(num_classes, width, _conv_factory(conv, conv_options))
+
+
 def _wrn28_10(num_classes: int = 10, dropout: float = 0.3, norm: NormName = "batchnorm",
               norm_options: dict[str, Any] | None = None) -> nn.Module:  # fmt: skip
     return wide_resnet(28, 10, num_classes, dropout, norm=norm, norm_options=norm_options)
@@ -218,4 +306,5 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg": vgg_e,
     "resnetv2_56": _resnetv2_56,
     "resnetv2_20": _resnetv2_20,
+    "resnet18": resnet18,
 }

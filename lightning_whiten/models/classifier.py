@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from ..adversarial import AdversarialTraining, InputSpace, RobustEvaluation, robust_predictions
 from .cifar import CIFAR_MODELS
 from .small import SMALL_MODELS
 
@@ -161,6 +162,18 @@ class ImageClassifier(pl.LightningModule):
             warmup, applied per optimizer step.
         label_smoothing: of the cross-entropy loss.
         channels_last: run the backbone in channels_last memory format.
+        adversarial: adversarial training options (:class:`lightning_whiten.adversarial.
+            AdversarialTraining`), e.g. ``{method: fgsm_rs, epsilon: 8/255}`` or the ConvNorm
+            paper's ``{method: free, epsilon: 8/255, step_size: 8/255, replays: 4}``
+            (``"free"`` uses manual optimization: one optimizer step per replay, so
+            ``global_step`` counts replays; the learning-rate schedule still advances once per
+            batch). The attack loss is plain cross-entropy; training uses ``label_smoothing``.
+        robust_eval: robust accuracy at validation/test (:class:`lightning_whiten.adversarial.
+            RobustEvaluation`), e.g. ``{epsilon: 8/255, pgd_steps: 20, pgd_step_size: 2/255}``;
+            logs ``val/acc_pgd20`` and ``val/acc_fgsm`` (``test/...`` in test).
+        pixel_mean, pixel_std: the normalization of the inputs (pixels in [0, 1] -> ``(p - mean)
+            / std``), for the attacks' epsilon in pixel units; ``None``: the datamodule's
+            ``input_space``.
     """
 
     def __init__(
@@ -181,6 +194,10 @@ class ImageClassifier(pl.LightningModule):
         gamma: float = 0.1,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        adversarial: dict[str, Any] | None = None,
+        robust_eval: dict[str, Any] | None = None,
+        pixel_mean: list[float] | None = None,
+        pixel_std: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -216,6 +233,35 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.adversarial = AdversarialTraining.from_config(adversarial) if adversarial else None
+        self.robust_eval = RobustEvaluation.from_config(robust_eval) if robust_eval else None
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ValueError("ImageClassifier: give both pixel_mean and pixel_std, or neither")
+        self.input_space: InputSpace | None = (
+            InputSpace(tuple(pixel_mean), tuple(pixel_std)) if pixel_mean is not None else None  # type: ignore[arg-type]
+        )
+        if self.robust_eval is not None:
+            self.robust_acc = nn.ModuleDict(
+                {
+                    name: MulticlassAccuracy(num_classes, top_k=1)
+                    for name in self.robust_eval.metric_names
+                }
+            )
+        if self.adversarial is not None and self.adversarial.method == "free":
+            # Free adversarial training steps the optimizer once per replay of a batch.
+            self.automatic_optimization = False
+
+    def setup(self, stage: str) -> None:
+        if (self.adversarial or self.robust_eval) and self.input_space is None:
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+            space = getattr(datamodule, "input_space", None)
+            if space is None:
+                raise ValueError(
+                    "ImageClassifier: adversarial training and robust_eval bound perturbations in "
+                    "pixel units and need the input normalization: set pixel_mean and pixel_std, "
+                    "or use a datamodule with an input_space (the ones in lightning_whiten.data)"
+                )
+            self.input_space = space
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last and x.dim() == 4:
@@ -226,6 +272,11 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         if x.shape[0] == 1 and not self._online_checked:
             self._check_online_training()
+        adversarial = self.adversarial
+        if adversarial is not None and adversarial.method == "free":
+            return self._free_adversarial_step(x, y)
+        if adversarial is not None:
+            x = adversarial.example(self, x, y, self.input_space)  # type: ignore[arg-type]
         logits = self(x)
         loss = self.criterion(logits, y)
         self.train_acc(logits, y)
@@ -252,7 +303,37 @@ class ImageClassifier(pl.LightningModule):
                 )
         self._online_checked = True
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def _free_adversarial_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """Shafahi et al.'s free adversarial training: ``replays`` optimizer steps on the batch,
+        the perturbation updated from each step's input gradient (reset for every batch, as in
+        the ConvNorm authors' code)."""
+        adversarial, space = self.adversarial, self.input_space
+        assert adversarial is not None and space is not None
+        optimizer = self.optimizers()
+        delta = torch.zeros_like(x)
+        losses = []
+        for _ in range(adversarial.replays):
+            delta.requires_grad_(True)
+            logits = self(space.perturb(x, delta))
+            loss = self.criterion(logits, y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            grad = delta.grad
+            delta = space.project(
+                x, delta.detach() + adversarial.step_size * grad.sign(), adversarial.epsilon
+            )  # type: ignore[operator]
+            losses.append(loss.detach())
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()  # type: ignore[union-attr]
+        loss = torch.stack(losses).mean()
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str, batch_idx: int = 0) -> None:
         x, y = batch
         logits = self(x)
         self.val_acc1(logits, y)
@@ -261,12 +342,40 @@ class ImageClassifier(pl.LightningModule):
         self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc1", self.val_acc1, prog_bar=True)
         self.log(f"{stage}/acc5", self.val_acc5)
+        if self._robust_eval_due(stage, batch_idx):
+            predictions = robust_predictions(
+                self,
+                x,
+                y,
+                self.robust_eval,
+                self.input_space,
+                seed_offset=batch_idx,  # type: ignore[arg-type]
+            )
+            for name, predicted in predictions.items():
+                metric = self.robust_acc[name]
+                metric(predicted, y)
+                self.log(f"{stage}/{name}", metric, prog_bar=name.startswith("acc_pgd"))
+
+    def _robust_eval_due(self, stage: str, batch_idx: int) -> bool:
+        evaluation = self.robust_eval
+        if evaluation is None:
+            return False
+        if evaluation.max_batches is not None and batch_idx >= evaluation.max_batches:
+            return False
+        trainer = self._trainer
+        if trainer is None or stage != "val" or trainer.state.fn != "fit":
+            return True
+        if trainer.sanity_checking:
+            return False
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return last or epoch % evaluation.every_n_epochs == 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
