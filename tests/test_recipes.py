@@ -186,14 +186,28 @@ def test_finetuning_from_a_local_timm_checkpoint_starts_as_the_pretrained_model(
     assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+# The quickstart's short form (16x16 images, 4-6 epochs instead of 32x32 and 12): with each
+# whitening layer it must still clear 95% validation accuracy. This is the check that caught
+# DBN's eval collapse on rank-deficient input (0.10 accuracy while training looked fine).
+QUICKSTART_SHORT_FORM = {"iternorm": 4, "swbn": 4, "dbn": 6}  # epochs; DBN warms up slower
+
+
 @pytest.mark.slow
-def test_quickstart_reaches_its_stated_accuracy(tmp_path):
-    # The README's main command, for real: ~1 minute on 2 CPU cores.
+@pytest.mark.parametrize("layer", sorted(QUICKSTART_SHORT_FORM))
+def test_quickstart_short_form_reaches_95_percent_with_each_layer(tmp_path, layer):
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "quickstart.yaml").read_text())
+    whitening = next(c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("WhiteningCallback"))
+    whitening["init_args"]["layer"] = layer
+    if layer != "iternorm":  # Newton iterations are IterNorm's own option
+        del whitening["init_args"]["layer_options"]["iterations"]
+    config = tmp_path / f"quickstart_{layer}.yaml"
+    config.write_text(yaml.safe_dump(recipe))
     cli = run([
-        "fit", "--config", str(Path(__file__).parent.parent / "recipes" / "quickstart.yaml"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(tmp_path),
+        "fit", "--config", str(config), "--trainer.max_epochs", str(QUICKSTART_SHORT_FORM[layer]),
+        "--data.init_args.image_size", "16", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
     ])  # fmt: skip
     accuracy = float(cli.trainer.callback_metrics["val/acc1"])
-    assert accuracy >= 0.97, accuracy
-    assert sum(isinstance(m, lw.IterNorm) for m in cli.model.modules()) == 19
+    assert accuracy >= 0.95, (layer, accuracy)
+    converted = lw.registry.get_family(layer).layer
+    assert sum(isinstance(m, converted) for m in cli.model.modules()) == 19
