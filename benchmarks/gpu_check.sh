@@ -20,13 +20,14 @@ mkdir -p "$RESULTS"
 
 echo "== versions"
 $PY - <<'PY'
-import importlib, platform, torch
+import platform, torch
+from importlib.metadata import PackageNotFoundError, version
 print("python", platform.python_version())
-for name in ("torch", "torchvision", "lightning", "timm", "torchmetrics", "rich", "sklearn", "pytest"):
+for name in ("torch", "torchvision", "lightning", "timm", "torchmetrics", "rich", "scikit-learn", "pytest"):
     try:
-        print(name, importlib.import_module(name).__version__)
-    except Exception as err:  # a missing package is reported, not fatal
-        print(name, "MISSING", type(err).__name__)
+        print(name, version(name))
+    except PackageNotFoundError:  # a missing package is reported, not fatal
+        print(name, "MISSING")
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))

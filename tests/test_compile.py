@@ -88,3 +88,29 @@ def test_compiled_model_does_not_recompile_across_steps():
     for _ in range(4):
         compiled(torch.randn(4, 3, 8, 8)).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compiled_layer_feeds_an_inplace_relu(name, memory_format):
+    # timm's and torchvision's ResNets apply ReLU(inplace=True) to the normalization's output:
+    # the compiled layer must hand back a tensor of its own, not a view of one made inside its
+    # autograd Function (which autograd forbids modifying in place).
+    from torch import nn
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 20, 3), LAYERS[name](), nn.ReLU(inplace=True))
+    copy = nn.Sequential(nn.Conv2d(3, 20, 3), LAYERS[name](), nn.ReLU(inplace=True))
+    copy.load_state_dict(eager.state_dict())
+    compiled = torch.compile(copy, fullgraph=True)
+    x = torch.randn(6, 3, 6, 6).contiguous(memory_format=memory_format)
+    ye, yc = eager(x), compiled(x)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    assert yc.is_contiguous(memory_format=memory_format)
+    # the conv's weight gradient sums 6 * 16 products per entry: float32 reordering noise
+    scale = eager[0].weight.grad.abs().max().item()
+    torch.testing.assert_close(
+        copy[0].weight.grad, eager[0].weight.grad, rtol=1e-3, atol=1e-4 * scale
+    )

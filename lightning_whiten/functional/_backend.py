@@ -553,7 +553,11 @@ class _Traceable:
     @staticmethod
     def affine(a: Tensor, x: Tensor, b: Tensor | None, layout: GroupLayout) -> Tensor:
         v, kind = _as_view(x)
-        return _from_view(_affine_new(a, v, kind, layout, b), kind, x)
+        y = _from_view(_affine_new(a, v, kind, layout, b), kind, x)
+        # The forward output of the autograd Functions: a view of a tensor made inside one may
+        # not be modified in place, and timm's and torchvision's ReLU(inplace=True) does. The
+        # copy is fused by the compiler into the kernel that writes y (no extra pass).
+        return y.clone(memory_format=torch.preserve_format)
 
     @staticmethod
     def gradient_sums(dy: Tensor, x: Tensor, offset: Tensor, layout: GroupLayout, cross: bool,
