@@ -195,8 +195,12 @@ QUICKSTART_SHORT_FORM = {"iternorm": 4, "swbn": 4, "dbn": 6}  # epochs; DBN warm
 @pytest.mark.slow
 @pytest.mark.parametrize("layer", sorted(QUICKSTART_SHORT_FORM))
 def test_quickstart_short_form_reaches_95_percent_with_each_layer(tmp_path, layer):
-    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "quickstart.yaml").read_text())
-    whitening = next(c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("WhiteningCallback"))
+    recipe = yaml.safe_load(
+        (Path(__file__).parent.parent / "recipes" / "quickstart.yaml").read_text()
+    )
+    whitening = next(
+        c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("WhiteningCallback")
+    )
     whitening["init_args"]["layer"] = layer
     if layer != "iternorm":  # Newton iterations are IterNorm's own option
         del whitening["init_args"]["layer_options"]["iterations"]
