@@ -7,6 +7,8 @@ import torch
 
 import lightning_whiten as lw
 
+pytestmark = pytest.mark.slow  # compilation: 2-8 s a case on 2 CPU cores
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():

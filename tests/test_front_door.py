@@ -72,6 +72,7 @@ def test_help_is_fast_and_lists_the_recipes():
     assert "lightning-whiten fit --config recipes/quickstart.yaml" in text
 
 
+@pytest.mark.slow  # a CLI subprocess each: ~12 s of imports
 @pytest.mark.parametrize(
     ("changes", "first_line"),
     [
@@ -95,6 +96,7 @@ def test_config_mistakes_are_one_line_before_any_work(tmp_path, changes, first_l
     assert "Traceback" not in done.stderr and "Epoch" not in done.stdout
 
 
+@pytest.mark.slow
 def test_a_fit_prints_readable_logs_and_its_checkpoint(tmp_path):
     done = command("fit", "--config", str(tiny_config(tmp_path)), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

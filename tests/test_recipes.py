@@ -93,6 +93,7 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # 2-10 s a recipe
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
     cli = run(["fit", "--config", str(shrink(recipe, tmp_path)), "--trainer.fast_dev_run", "true"])
@@ -121,6 +122,7 @@ def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
         assert torch.isfinite(cli.trainer.callback_metrics["sam/sharpness_step"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["layernorm", "none"])
 def test_recurrent_recipe_variants_from_the_command_line(norm, tmp_path):
     # The header's command-line variants: LayerNorm or no normalization inside the recurrence.
@@ -132,6 +134,7 @@ def test_recurrent_recipe_variants_from_the_command_line(norm, tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_command_line_exits_with_status_zero(tmp_path):
     # The console script passes main()'s return value to sys.exit: a successful run must exit 0.
     import subprocess

@@ -21,19 +21,23 @@ from lightning_whiten.layers import IterNormAct, WhiteningNorm
 # Normalization types, listed independently of the package's own detection.
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d)
 
+_LARGE = {"resnet50d", "efficientnet_b0", "densenet121", "vgg11_bn"}  # 3-6 s a case: `slow`
 ARCHITECTURES = [
-    ("timm", "resnet18"),
-    ("timm", "resnet50d"),
-    ("timm", "efficientnet_b0"),
-    ("timm", "mobilenetv3_large_100"),
-    ("timm", "regnety_002"),
-    ("timm", "densenet121"),
-    ("timm", "resnetv2_50x1_bit"),  # GroupNorm: nothing to convert
-    ("timm", "convnext_nano"),  # LayerNorm: nothing to convert
-    ("torchvision", "resnet18"),
-    ("torchvision", "mobilenet_v3_small"),
-    ("torchvision", "efficientnet_b0"),
-    ("torchvision", "vgg11_bn"),
+    pytest.param(library, arch, id=f"{library}-{arch}", marks=[pytest.mark.slow] * (arch in _LARGE))
+    for library, arch in [
+        ("timm", "resnet18"),
+        ("timm", "resnet50d"),
+        ("timm", "efficientnet_b0"),
+        ("timm", "mobilenetv3_large_100"),
+        ("timm", "regnety_002"),
+        ("timm", "densenet121"),
+        ("timm", "resnetv2_50x1_bit"),  # GroupNorm: nothing to convert
+        ("timm", "convnext_nano"),  # LayerNorm: nothing to convert
+        ("torchvision", "resnet18"),
+        ("torchvision", "mobilenet_v3_small"),
+        ("torchvision", "efficientnet_b0"),
+        ("torchvision", "vgg11_bn"),
+    ]
 ]
 OPTIONS = {
     "iternorm": {"group_size": 16, "iterations": 5},
@@ -89,9 +93,7 @@ def assert_same_output(actual, expected):
 
 
 @pytest.mark.parametrize("layer", list(OPTIONS))
-@pytest.mark.parametrize(
-    ("library", "arch"), ARCHITECTURES, ids=[f"{a[0]}-{a[1]}" for a in ARCHITECTURES]
-)
+@pytest.mark.parametrize(("library", "arch"), ARCHITECTURES)
 def test_convert_train_export_matrix(library, arch, layer):
     # float64 throughout: after three training steps the running statistics do not match the
     # data yet, eval activations get large and float32 rounding would be amplified; in float64
