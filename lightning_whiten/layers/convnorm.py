@@ -22,6 +22,72 @@ _AFFINE_INITS = ("identity", "default")
 _FLOAT_BUFFER_DTYPES = (torch.float32, torch.float64)
 
 
+def _conv_geometry(
+    name: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+    padding_mode: str,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int] | str, tuple[int, int]]:
+    """The convolution's geometry as ``(kernel, stride, padding, dilation)`` pairs, or a
+    ``ValueError`` naming the layer and the option that ConvNorm cannot take."""
+    for option, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {option} must be a positive int, got {value!r}")
+    kernel = _positive_pair(name, "kernel_size", kernel_size)
+    stride_ = _positive_pair(name, "stride", stride)
+    dilation_ = _positive_pair(name, "dilation", dilation)
+    if groups != 1:
+        raise ValueError(
+            f"{name}: groups must be 1, got {groups!r} (grouped and depthwise convolutions "
+            "are not supported: the preconditioner sums over all input channels)"
+        )
+    if padding_mode != "zeros":
+        raise ValueError(
+            f"{name}: padding_mode must be 'zeros', got {padding_mode!r} (the full "
+            "convolution of ConvNorm is zero-padded)"
+        )
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(
+                f"{name}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
+            )
+        if padding == "same" and stride_ != (1, 1):
+            raise ValueError(f"{name}: padding='same' needs stride 1, got stride {stride}")
+        padding_: tuple[int, int] | str = padding
+    else:
+        padding_ = _pair_of(name, "padding", padding, minimum=0)
+    (pt, pb), (pl, pr) = CF.resolve_padding(padding_, kernel, dilation_)
+    full = (dilation_[0] * (kernel[0] - 1), dilation_[1] * (kernel[1] - 1))
+    if kernel != (1, 1) and (max(pt, pb) > full[0] or max(pl, pr) > full[1]):
+        raise ValueError(
+            f"{name}: padding {padding!r} exceeds dilation * (kernel_size - 1) = {full}: "
+            "ConvNorm crops its output from the full convolution, which has no more rows"
+        )
+    return kernel, stride_, padding_, dilation_
+
+
+def _check_options(
+    name: str, running_v: Any, affine_init: Any, ramp_steps: Any, ramp_end: Any,
+    dtype: torch.dtype | None,
+) -> None:  # fmt: skip
+    """A ``ValueError``/``TypeError`` naming the layer and the option for a bad value."""
+    if running_v not in _RUNNING_MODES:
+        raise ValueError(f"{name}: running_v must be one of {_RUNNING_MODES}, got {running_v!r}")
+    if affine_init not in _AFFINE_INITS:
+        raise ValueError(f"{name}: affine_init must be one of {_AFFINE_INITS}, got {affine_init!r}")
+    if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
+        raise ValueError(f"{name}: ramp_steps must be a positive int, got {ramp_steps!r}")
+    if not isinstance(ramp_end, (int, float)) or not 0 < ramp_end <= 1:
+        raise ValueError(f"{name}: ramp_end must be in (0, 1], got {ramp_end!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"{name}: dtype must be a floating-point dtype, got {dtype}")
+
+
 class ConvNorm2d(nn.Module):
     """Convolutional normalization: a preconditioned ``nn.Conv2d`` (Liu et al., NeurIPS 2021).
 
@@ -137,53 +203,11 @@ class ConvNorm2d(nn.Module):
         #: Where model surgery put this layer (see :class:`~lightning_whiten.surgery.Origin`).
         self.origin: Any = None
         name = type(self).__name__
-        for option, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {option} must be a positive int, got {value!r}")
-        kernel = _positive_pair(name, "kernel_size", kernel_size)
-        stride_ = _positive_pair(name, "stride", stride)
-        dilation_ = _positive_pair(name, "dilation", dilation)
-        if groups != 1:
-            raise ValueError(
-                f"{name}: groups must be 1, got {groups!r} (grouped and depthwise convolutions "
-                "are not supported: the preconditioner sums over all input channels)"
-            )
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"{name}: padding_mode must be 'zeros', got {padding_mode!r} (the full "
-                "convolution of ConvNorm is zero-padded)"
-            )
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(
-                    f"{name}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
-                )
-            if padding == "same" and stride_ != (1, 1):
-                raise ValueError(f"{name}: padding='same' needs stride 1, got stride {stride}")
-            padding_: tuple[int, int] | str = padding
-        else:
-            padding_ = _pair_of(name, "padding", padding, minimum=0)
-        (pt, pb), (pl, pr) = CF.resolve_padding(padding_, kernel, dilation_)
-        full = (dilation_[0] * (kernel[0] - 1), dilation_[1] * (kernel[1] - 1))
-        if kernel != (1, 1) and (max(pt, pb) > full[0] or max(pl, pr) > full[1]):
-            raise ValueError(
-                f"{name}: padding {padding!r} exceeds dilation * (kernel_size - 1) = {full}: "
-                "ConvNorm crops its output from the full convolution, which has no more rows"
-            )
-        if running_v not in _RUNNING_MODES:
-            raise ValueError(
-                f"{name}: running_v must be one of {_RUNNING_MODES}, got {running_v!r}"
-            )
-        if affine_init not in _AFFINE_INITS:
-            raise ValueError(
-                f"{name}: affine_init must be one of {_AFFINE_INITS}, got {affine_init!r}"
-            )
-        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
-            raise ValueError(f"{name}: ramp_steps must be a positive int, got {ramp_steps!r}")
-        if not isinstance(ramp_end, (int, float)) or not 0 < ramp_end <= 1:
-            raise ValueError(f"{name}: ramp_end must be in (0, 1], got {ramp_end!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"{name}: dtype must be a floating-point dtype, got {dtype}")
+        kernel, stride_, padding_, dilation_ = _conv_geometry(
+            name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            padding_mode,
+        )  # fmt: skip
+        _check_options(name, running_v, affine_init, ramp_steps, ramp_end, dtype)
 
         self.in_channels = in_channels
         self.out_channels = out_channels
