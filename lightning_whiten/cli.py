@@ -119,10 +119,7 @@ def _cli_class():
             try:
                 super().instantiate_classes()
             except (ValueError, TypeError, FileNotFoundError) as err:
-                cause = err
-                while cause.__cause__ is not None and type(cause).__name__ in _WRAPPERS:
-                    cause = cause.__cause__
-                print(f"lightning-whiten: error: {cause}", file=sys.stderr)
+                print(f"lightning-whiten: error: {_user_message(err)}", file=sys.stderr)
                 sys.exit(2)
 
         def after_fit(self) -> None:
@@ -137,6 +134,35 @@ def _cli_class():
 
 # jsonargparse wraps a constructor's error in its own; the cause is the user's message.
 _WRAPPERS = {"ArgumentError", "NSKeyError", "ValueError", "TypeError"}
+# jsonargparse's own words for a value that matched no type of a Union, one per type tried.
+_TYPE_MISMATCH = ("Expected a ", "Does not validate against", "Not a valid subclass", "Type ")
+
+
+def _user_message(err: BaseException) -> str:
+    """The constructor's own message inside jsonargparse's wrapping.
+
+    Newer jsonargparse chains the constructor's exception as ``__cause__``; before 4.40 a value
+    that failed every type of a Union (``trainer.callbacks`` is one) keeps only the messages, as
+    ``  - ...`` lines of its text, first the type mismatches ("Expected a <class 'NoneType'>"),
+    then the real error.
+    """
+    cause = err
+    while cause.__cause__ is not None and type(cause).__name__ in _WRAPPERS:
+        cause = cause.__cause__
+    if not str(cause).startswith(_TYPE_MISMATCH):
+        return str(cause)
+    chain, seen = [err], set()
+    while chain:
+        e = chain.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        for line in str(e).splitlines():
+            item = line.strip()
+            if item.startswith("- ") and not item[2:].startswith(_TYPE_MISMATCH):
+                return item[2:]
+        chain += [e.__cause__, e.__context__]
+    return str(cause)
 
 
 def run(args: list[str] | None = None):
