@@ -87,13 +87,13 @@ def run(
 
         bn = times["BatchNorm2d"]
         for name, values in times.items():
-            plain = times.get(f"plain {name}")
+            plain_times = times.get(f"plain {name}")
             rows.append({
                 "shape": "x".join(map(str, shape)),
                 "layer": name,
                 "ms": median(values),
                 "vs_bn": median([a / b for a, b in zip(values, bn, strict=True)]),
-                "vs_plain": median([p / a for p, a in zip(plain, values, strict=True)]) if plain else None,
+                "vs_plain": median([p / a for p, a in zip(plain_times, values, strict=True)]) if plain_times else None,
                 "peak_mb": memory[name],
                 "mem_vs_bn": memory[name] / memory["BatchNorm2d"],
             })  # fmt: skip
