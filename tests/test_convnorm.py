@@ -541,3 +541,58 @@ def test_convnorm_options_are_validated_by_the_spec():
         lw.ConversionSpec.of("convnorm", group_size=16)
     with pytest.raises(ValueError, match="insert: ConvNorm2d replaces convolutions"):
         lw.ConversionSpec.of("convnorm", insert="fc")
+
+
+def test_drop_following_norm_removes_exactly_the_norms_after_converted_convolutions(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    report = lw.convert(model, "convnorm", drop_following_norm=True)
+    # in resnet18 every BatchNorm (bn1, bn2, downsample.1) directly follows a 3x3/1x1 conv
+    assert {r.name for r in report.removed} == norms
+    assert report.num_replaced == 20 and "20 removed" in report.title()
+    for r in report.removed:
+        assert isinstance(model.get_submodule(r.name), torch.nn.Identity)
+        assert r.new_type == "Identity" and r.producer.endswith("(trace)")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    # the spec round-trips, and a checkpoint of the converted model loads into a fresh one
+    spec = lw.ConversionSpec.from_dict(report.spec.to_dict())
+    assert spec.drop_following_norm and spec == report.spec
+    fresh = torchvision.models.resnet18(num_classes=10)
+    lw.convert(fresh, spec)
+    fresh.load_state_dict(model.state_dict())  # strict: the same modules, BN-free
+
+
+def test_drop_following_norm_keeps_a_fused_activation_and_unconverted_paths():
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        BatchNormAct2d(8, act_layer=torch.nn.ReLU),  # after a converted conv: its ReLU stays
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: not converted
+        torch.nn.BatchNorm2d(8),  # so this BN stays
+    )
+    report = lw.convert(model, "convnorm", drop_following_norm=True)
+    assert [r.name for r in report.removed] == ["1"]
+    assert isinstance(model[1], torch.nn.ReLU) and isinstance(model[3], torch.nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model[3](model[2](torch.relu(model[0](x))))
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_drop_following_norm_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="drop_following_norm: IterNorm replaces normalization"):
+        lw.ConversionSpec.of("iternorm", drop_following_norm=True)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="drop_following_norm: tracing the model's forward failed"):
+        # a 1-channel input for a 3-channel conv: the trace cannot run, and module order is
+        # not trusted to remove layers
+        lw.convert(
+            model, "convnorm", drop_following_norm=True, example_input=torch.randn(1, 1, 8, 8)
+        )

@@ -45,7 +45,8 @@ class WhiteningCallback(Callback):
             layer class path.
         layer_options: options of the layer (``{"group_size": 64, "iterations": 5}``).
         include, exclude, types, min_channels, placement, stages, frozen, respect_conv_groups,
-            insert: selection (and insertion), as in :func:`lightning_whiten.convert`.
+            insert, drop_following_norm: selection (insertion, removal), as in
+            :func:`lightning_whiten.convert`.
         schedules: ``{"attribute" or "attribute@pattern": schedule}``, applied at the start of
             every training batch; e.g. ``{"iterations": Step([3, 5], [0.5], unit="fraction")}``.
             Any numeric attribute of the layers can be scheduled (``iterations``,
@@ -73,6 +74,7 @@ class WhiteningCallback(Callback):
         frozen: bool = False,
         respect_conv_groups: bool = True,
         insert: str | Sequence[str] | None = None,
+        drop_following_norm: bool = False,
         schedules: dict[str, Schedule | dict[str, Any] | float] | None = None,
         tie_whitening_rate_to_lr: float | None = None,
         sync: Literal["batch", "none"] | None = None,
@@ -100,6 +102,7 @@ class WhiteningCallback(Callback):
             frozen=frozen,
             respect_conv_groups=respect_conv_groups,
             insert=insert,
+            drop_following_norm=drop_following_norm,
             **dict(layer_options or {}),
         )
         self.scheduler = LayerScheduler(schedules)

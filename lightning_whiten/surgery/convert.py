@@ -28,6 +28,7 @@ def convert(
     frozen: bool = False,
     respect_conv_groups: bool = True,
     insert: str | Sequence[str] | None = None,
+    drop_following_norm: bool = False,
     example_input: Tensor | None = None,
     **layer_options: Any,
 ) -> ConversionReport:
@@ -64,6 +65,8 @@ def convert(
         insert: names (globs) of linear layers or unpadded convolutions that get a new layer at
             their input, e.g. ``"fc"`` (decorrelated features before the classifier); ``export``
             folds it into that layer.
+        drop_following_norm: with ``"convnorm"``, also remove the normalization layer right
+            after each converted convolution (see :class:`ConversionSpec`).
         example_input: a small input batch to trace the forward on (guessed when omitted).
         **layer_options: passed to the layer (``group_size``, ``iterations``, ...). A
             ``group_size`` larger than a layer's channels is clamped to them, with a note.
@@ -85,6 +88,7 @@ def convert(
         "frozen": frozen,
         "respect_conv_groups": respect_conv_groups,
         "insert": insert,
+        "drop_following_norm": drop_following_norm,
     }
     if isinstance(layer, ConversionSpec):
         defaults = ConversionSpec.of().to_dict()

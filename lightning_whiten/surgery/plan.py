@@ -71,6 +71,7 @@ class Decision:
     producer: Producer | None = None
     also: tuple[str, ...] = ()  # other names of a shared module
     insert: bool = False  # a new layer at this module's input (``spec.insert``)
+    drop: bool = False  # removed: it follows a converted convolution (``drop_following_norm``)
 
 
 @dataclass
@@ -92,7 +93,11 @@ class ConversionPlan:
 
     @property
     def to_skip(self) -> list[Decision]:
-        return [d for d in self.decisions if not d.replace and not d.insert]
+        return [d for d in self.decisions if not (d.replace or d.insert or d.drop)]
+
+    @property
+    def to_drop(self) -> list[Decision]:
+        return [d for d in self.decisions if d.drop]
 
     @property
     def to_insert(self) -> list[Decision]:
@@ -124,6 +129,18 @@ class ConversionPlan:
             )
             for d in self.to_insert
         ]
+        removed = [
+            ReplacedModule(
+                d.name,
+                d.module_type,
+                type(_without_norm(self._modules[d.name])).__name__,
+                d.channels or 0,
+                (),
+                d.notes,
+                None if d.producer is None else str(d.producer),
+            )
+            for d in self.to_drop
+        ]
         skipped = [
             SkippedModule(
                 d.name,
@@ -135,8 +152,9 @@ class ConversionPlan:
             for d in self.to_skip
         ]
         return ConversionReport(
-            family.layer.__name__, self.spec, replaced, skipped, str(self.trace), applied, inserted
-        )
+            family.layer.__name__, self.spec, replaced, skipped, str(self.trace), applied,
+            inserted, removed,
+        )  # fmt: skip
 
     def table(self):
         """A :class:`rich.table.Table` of the decisions (the dry run)."""
@@ -148,7 +166,7 @@ class ConversionPlan:
     def apply(self, model: nn.Module) -> ConversionReport:
         """Carry the plan out on ``model`` (the model it was made for), in place."""
         family = self.family
-        for d in [*self.to_replace, *self.to_insert]:
+        for d in [*self.to_replace, *self.to_insert, *self.to_drop]:
             module = self._modules[d.name]
             for name in (d.name, *d.also):
                 try:
@@ -179,6 +197,11 @@ class ConversionPlan:
             norm.origin = Origin(f"{d.name}.norm")  # type: ignore[attr-defined]
             parent_name, _, attr = d.name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, NormalizedInput(norm, module))
+        for d in self.to_drop:
+            kept = _without_norm(self._modules[d.name])
+            for name in (d.name, *d.also):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), attr, kept)
         report = self.report(applied=True)
         if not report.replaced and not report.inserted:
             warnings.warn(self._nothing_replaced(), UserWarning, stacklevel=3)
@@ -434,7 +457,64 @@ def plan_conversion(
             )
         )
     decisions += _insertions(model, spec, modules)
+    if spec.drop_following_norm:
+        decisions += _following_norms(model, modules, example_input)
     return ConversionPlan(spec, decisions, outcome, modules)
+
+
+def _following_norms(
+    model: nn.Module, converted: dict[str, nn.Module], example: Tensor | None
+) -> list[Decision]:
+    """Decisions removing each normalization layer whose input is exactly the output of one
+    converted convolution (``drop_following_norm``). Only a traced producer counts: module
+    order could name a layer that does not follow the convolution, and removing that one would
+    silently change the model."""
+    convs = {id(m): n for n, m in converted.items()}
+    norms = find_targets(model, "batchnorm")
+    if not norms or not convs:
+        return []
+    traced, outcome = _trace(model, norms, example)
+    if outcome.status != "traced":
+        raise ValueError(
+            "drop_following_norm: tracing the model's forward failed "
+            f"({outcome.detail}), so the layers that follow each convolution are unknown; "
+            "pass example_input (a small input batch) to convert"
+        )
+    decisions = []
+    for c in norms:
+        t = traced.get(id(c.module))
+        if t is None or t.calls != 1 or not t.segments or len(t.segments) != 1:
+            continue
+        conv = t.segments[0]
+        if id(conv.module) not in convs:
+            continue
+        converted[c.name] = c.module
+        decisions.append(
+            Decision(
+                c.name,
+                type(c.module).__name__,
+                num_channels(c.module),
+                False,
+                "follows a converted convolution (drop_following_norm)",
+                notes=(f"removed: follows {convs[id(conv.module)]} (drop_following_norm)",),
+                producer=Producer(f"{type(conv.module).__name__} {conv.name}", "trace"),
+                also=tuple(c.names[1:]),
+                drop=True,
+            )
+        )
+    return decisions
+
+
+def _without_norm(module: nn.Module) -> nn.Module:
+    """What is left of a normalization layer without its normalization: ``nn.Identity``, or
+    a fused layer's drop and activation (timm ``BatchNormAct2d``), in their order."""
+    rest = [
+        m for m in (getattr(module, "drop", None), getattr(module, "act", None)) if m is not None
+    ]
+    rest = [m for m in rest if not isinstance(m, nn.Identity)]
+    if not rest:
+        return nn.Identity()
+    return rest[0] if len(rest) == 1 else nn.Sequential(*rest)
 
 
 def _insertions(

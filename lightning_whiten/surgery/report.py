@@ -59,6 +59,9 @@ class ConversionReport:
         replaced: the replaced modules, in module order.
         skipped: the candidate modules left alone, with the reason.
         inserted: new layers at the input of the modules ``spec.insert`` names.
+        removed: normalization layers removed after converted convolutions
+            (``spec.drop_following_norm``); ``new_type`` is what is left (``Identity``, or a
+            fused layer's activation).
         trace: how producers were found: ``"traced"``, ``"failed: <error>"`` (module order was
             used instead) or ``"not needed"``.
         applied: ``False`` for a dry run.
@@ -71,6 +74,7 @@ class ConversionReport:
     trace: str = "not needed"
     applied: bool = True
     inserted: list[ReplacedModule] = field(default_factory=list)
+    removed: list[ReplacedModule] = field(default_factory=list)
 
     @property
     def num_replaced(self) -> int:
@@ -83,6 +87,8 @@ class ConversionReport:
     def counts(self) -> dict[str, int]:
         """Flat counts for logging as hyperparameters."""
         out = {"replaced": self.num_replaced, "skipped": self.num_skipped}
+        if self.removed:
+            out["removed"] = len(self.removed)
         for old_type, n in Counter(r.old_type for r in self.replaced).items():
             out[f"replaced/{old_type}"] = n
         for t, n in Counter(s.type for s in self.skipped).items():
@@ -104,6 +110,10 @@ class ConversionReport:
             "inserted": [
                 {**asdict(r), "group_sizes": list(r.group_sizes), "notes": list(r.notes)}
                 for r in self.inserted
+            ],
+            "removed": [
+                {**asdict(r), "group_sizes": list(r.group_sizes), "notes": list(r.notes)}
+                for r in self.removed
             ],
         }
 
@@ -131,6 +141,7 @@ class ConversionReport:
             trace=data.get("trace", "not needed"),
             applied=data.get("applied", True),
             inserted=replaced(data.get("inserted", [])),
+            removed=replaced(data.get("removed", [])),
         )
 
     def title(self) -> str:
@@ -141,6 +152,8 @@ class ConversionReport:
         )
         if self.inserted:
             text += f", {len(self.inserted)} inserted"
+        if self.removed:
+            text += f", {len(self.removed)} removed"
         if self.trace.startswith("failed"):
             text += f"; producers from module order, the trace {self.trace}"
         return text
@@ -163,7 +176,7 @@ class ConversionReport:
                     refs.append(text)
             return "; ".join(refs)
 
-        rows = [*self.replaced, *self.inserted]
+        rows = [*self.replaced, *self.inserted, *self.removed]
         all_notes = [list(r.notes) for r in rows] + [[s.reason] for s in self.skipped]
         table = Table(title=self.title(), title_justify="left")
         for column in ("module", "was", "now", "channels", "groups", "producer", "note"):

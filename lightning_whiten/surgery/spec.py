@@ -34,6 +34,7 @@ _SELECTION = (
     "frozen",
     "respect_conv_groups",
     "insert",
+    "drop_following_norm",
 )
 
 
@@ -99,6 +100,10 @@ class ConversionSpec:
             layer of the family at their input, where the model has no normalization (the
             IterNorm paper's "DF" variant whitens the features the classifier sees:
             ``insert=["fc"]``). ``export`` folds it into that layer.
+        drop_following_norm: for families that replace convolutions (``convnorm``): also
+            remove the normalization layer that directly follows each converted convolution
+            (found by tracing the forward; a fused timm ``BatchNormAct2d`` keeps its activation).
+            ConvNorm's paper trains with and without that BatchNorm.
         version: the layout version of :meth:`to_dict`.
         trusted: whether names may import modules (``False`` for specs read from files).
     """
@@ -114,6 +119,7 @@ class ConversionSpec:
     frozen: bool = False
     respect_conv_groups: bool = True
     insert: tuple[str, ...] = ()
+    drop_following_norm: bool = False
     version: int = SPEC_VERSION
     trusted: bool = field(default=True, compare=False, repr=False)
     _family: NormFamily = field(init=False, compare=False, repr=False)
@@ -151,7 +157,12 @@ class ConversionSpec:
                 "family can be inserted"
             )
         put("insert", insert)
-        for option in ("frozen", "respect_conv_groups"):
+        if self.drop_following_norm is True and family.targets != "conv2d":
+            raise ValueError(
+                f"drop_following_norm: {family.layer.__name__} replaces normalization layers; "
+                "only a family that replaces convolutions (convnorm) can drop the one after it"
+            )
+        for option in ("frozen", "respect_conv_groups", "drop_following_norm"):
             if not isinstance(getattr(self, option), bool):
                 raise TypeError(f"{option} must be True or False, got {getattr(self, option)!r}")
         if not isinstance(self.version, int) or not 0 <= self.version <= SPEC_VERSION:
@@ -196,6 +207,7 @@ class ConversionSpec:
             "frozen": self.frozen,
             "respect_conv_groups": self.respect_conv_groups,
             "insert": list(self.insert),
+            "drop_following_norm": self.drop_following_norm,
         }
 
     @classmethod
@@ -207,7 +219,8 @@ class ConversionSpec:
         """
         if not isinstance(data, dict):
             raise TypeError(f"a conversion spec is a dict, got {type(data).__name__}")
-        known = {"version", "layer", "options", *_SELECTION}  # version 0: no types, no insert
+        # version 0 has no types and no insert; drop_following_norm is optional (default False)
+        known = {"version", "layer", "options", *_SELECTION}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"conversion spec: unknown keys {unknown} (known: {sorted(known)})")
