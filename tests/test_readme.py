@@ -111,12 +111,19 @@ def test_sam_examples_run(tmp_path):
 def test_convnorm_examples_run(tmp_path):
     from lightning.pytorch import Trainer
 
-    (example,) = blocks("python", "ConvNorm")
+    example, surgery = blocks("python", "ConvNorm")
     namespace: dict = {}
     exec(example, namespace)
     assert namespace["y"].shape == (8, 128, 16, 16)
     assert namespace["V"].shape == (64, 58, 30)
     assert isinstance(namespace["model"].layer1[0].conv1, lw.ConvNorm2d)
+
+    import torchvision
+
+    namespace = {"lw": lw, "model": torchvision.models.resnet18(), "print": lambda *a: None}
+    exec(surgery, namespace)  # its comment states the counts
+    report = namespace["report"]
+    assert (report.num_replaced, report.num_skipped, len(report.removed)) == (20, 0, 20)
 
     (options,) = blocks("yaml", "ConvNorm")
     init = yaml.safe_load(options)["model"]["init_args"]
