@@ -21,13 +21,21 @@ from ..functional import (
     whiten,
 )
 from ..functional._backend import compiling
+from ._shared import (
+    FLOAT_BUFFER_DTYPES,
+    Float32Buffers,
+    check_eps,
+    check_input,
+    check_momentum,
+    read_batchnorm,
+)
 
 if TYPE_CHECKING:
     from ..surgery.source import Origin
 
 __all__ = ["RunningWhiteningNorm", "WhiteningNorm", "layer_options"]
 
-_FLOAT_BUFFER_DTYPES = (torch.float32, torch.float64)
+_FLOAT_BUFFER_DTYPES = FLOAT_BUFFER_DTYPES
 # Constructor arguments that describe the module being replaced rather than a choice of method.
 _STRUCTURAL = ("num_features", "device", "dtype", "act", "drop")
 
@@ -64,7 +72,7 @@ def warns_at_batch(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-class WhiteningNorm(nn.Module):
+class WhiteningNorm(Float32Buffers):
     """Base class of group-wise batch whitening layers (:class:`IterNorm`, :class:`DBN`, :class:`SWBN`).
 
     In training, an input ``(N, C, *spatial)`` is whitened per group of ``group_size`` channels
@@ -308,22 +316,7 @@ class WhiteningNorm(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, batch_stats: bool, synced: bool = False) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{self.describe()}: expected a Tensor input, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(
-                f"{self.describe()}: expected a floating-point input, got dtype {x.dtype}"
-            )
-        if not 2 <= x.dim() <= 5:
-            raise ValueError(
-                f"{self.describe()}: expected an input of shape (N, C), (N, C, L), (N, C, H, W) "
-                f"or (N, C, D, H, W), got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self.describe()}: expected {self.num_features} channels (num_features) in "
-                f"dim 1, got input of shape {tuple(x.shape)}"
-            )
+        check_input(self.describe(), x, self.num_features)
         # Synced across processes, what counts is the global batch (checked after the
         # reduction, see _normalize), as SyncBatchNorm does.
         if batch_stats and not synced:
@@ -477,24 +470,9 @@ class WhiteningNorm(nn.Module):
             **kwargs: constructor options of this class (``group_size``, ``iterations``, ...);
                 they override what is taken from ``bn``.
         """
-        running_mean = getattr(bn, "running_mean", None)
-        running_var = getattr(bn, "running_var", None)
-        weight = getattr(bn, "weight", None)
-        bias = getattr(bn, "bias", None)
-        ref = weight if weight is not None else running_mean
-        if ref is None:
-            raise ValueError(
-                f"{cls.__name__}.from_batchnorm: {type(bn).__name__} has neither affine weights "
-                "nor running statistics; nothing to convert"
-            )
-        num_features = int(getattr(bn, "num_features", ref.numel()))
-        tracks = running_mean is not None and running_var is not None
-        options: dict[str, Any] = {
-            "affine": weight is not None,
-            "track_running_stats": tracks,
-            "device": ref.device,
-            "dtype": ref.dtype if ref.dtype.is_floating_point else None,
-        }
+        state = read_batchnorm(bn, f"{cls.__name__}.from_batchnorm")
+        num_features, tracks = state.num_features, state.tracks
+        options = state.layer_options()
         options.update(cls._options_from_batchnorm(bn))
         options.update(kwargs)
         if not tracks and options["track_running_stats"] is not False:
@@ -513,18 +491,13 @@ class WhiteningNorm(nn.Module):
             )
         layer = cls(num_features, **options)
         with torch.no_grad():
-            if layer.weight is not None and weight is not None:
-                layer.weight.copy_(weight)
-                layer.bias.copy_(bias)
-                layer.weight.requires_grad_(
-                    isinstance(weight, nn.Parameter) and weight.requires_grad
-                )
-                layer.bias.requires_grad_(isinstance(bias, nn.Parameter) and bias.requires_grad)
+            if layer.weight is not None and state.weight is not None:
+                layer.weight.copy_(state.weight)
+                layer.bias.copy_(state.bias)
+                state.copy_trainability(layer)
             if tracks and layer.track_running_stats:
-                layer._set_running_stats(running_mean, running_var, float(getattr(bn, "eps", 1e-5)))
-                tracked = getattr(bn, "num_batches_tracked", None)
-                if tracked is not None:
-                    layer.num_batches_tracked.copy_(tracked)
+                layer._set_running_stats(state.running_mean, state.running_var, state.eps)
+                state.copy_counter(layer)
         layer.train(bn.training)
         return layer
 
@@ -534,27 +507,10 @@ class WhiteningNorm(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         # Schedules change options between steps: validate every assignment, not just __init__.
         if name == "momentum":
-            _check_momentum(type(self).__name__, value)
-        elif name == "eps" and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-        ):
-            raise ValueError(f"{type(self).__name__}: eps must be a positive number, got {value!r}")
+            check_momentum(type(self).__name__, value)
+        elif name == "eps":
+            check_eps(type(self).__name__, value)
         super().__setattr__(name, value)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # Keep running statistics in at least float32 when the module is cast to fp16/bf16
-        # (e.g. Trainer(precision="16-true")): a momentum average in half precision drifts.
-        dtypes = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, buf in self._buffers.items():
-            if (
-                buf is not None
-                and buf.dtype.is_floating_point
-                and buf.dtype not in _FLOAT_BUFFER_DTYPES
-                and dtypes.get(name) in _FLOAT_BUFFER_DTYPES
-            ):
-                self._buffers[name] = buf.to(torch.float32)
-        return self
 
     def extra_repr(self) -> str:
         parts = [
@@ -579,17 +535,6 @@ def statistics_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
     if dtype is None or dtype in _FLOAT_BUFFER_DTYPES:
         return dtype
     return torch.float32
-
-
-def _check_momentum(name: str, momentum: float | None) -> None:
-    if momentum is None:
-        return
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0 <= momentum <= 1
-    ):
-        raise ValueError(f"{name}: momentum must be a number in [0, 1] or None, got {momentum!r}")
 
 
 def lerp_(buffer: Tensor, new: Tensor, factor: Tensor, finite: Tensor) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..functional import convnorm as CF
 from ..functional._backend import full_precision
 from ..registry import NormFamily, register_family
+from ._shared import FLOAT_BUFFER_DTYPES, Float32Buffers, check_eps, check_momentum
 
 __all__ = ["ConvNorm2d"]
 
@@ -19,7 +20,7 @@ RunningV = Literal["none", "momentum", "cosine"]
 AffineInit = Literal["identity", "default"]
 _RUNNING_MODES = ("none", "momentum", "cosine")
 _AFFINE_INITS = ("identity", "default")
-_FLOAT_BUFFER_DTYPES = (torch.float32, torch.float64)
+_FLOAT_BUFFER_DTYPES = FLOAT_BUFFER_DTYPES
 
 
 def _conv_geometry(
@@ -88,7 +89,7 @@ def _check_options(
         raise TypeError(f"{name}: dtype must be a floating-point dtype, got {dtype}")
 
 
-class ConvNorm2d(nn.Module):
+class ConvNorm2d(Float32Buffers):
     """Convolutional normalization: a preconditioned ``nn.Conv2d`` (Liu et al., NeurIPS 2021).
 
     ``y = bn(affine(P_V(conv_full(x))))``:
@@ -443,25 +444,11 @@ class ConvNorm2d(nn.Module):
     # ----------------------------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
         # Schedules change options between steps: validate every assignment, not just __init__.
-        if name == "eps" and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-            or not math.isfinite(value)
-        ):  # fmt: skip
-            raise ValueError(f"{type(self).__name__}: eps must be a positive number, got {value!r}")
-        if name == "momentum" and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
-        ):
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1], got {value!r}")
+        if name == "eps":
+            check_eps(type(self).__name__, value)
+        elif name == "momentum":
+            check_momentum(type(self).__name__, value, allow_none=False)
         super().__setattr__(name, value)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # Keep the running estimate in at least float32 when the module is cast to fp16/bf16.
-        before = self.running_autocorr.dtype if self.running_autocorr is not None else None
-        super()._apply(fn, recurse)
-        r = self.running_autocorr
-        if r is not None and r.dtype not in _FLOAT_BUFFER_DTYPES and before in _FLOAT_BUFFER_DTYPES:
-            self._buffers["running_autocorr"] = r.to(torch.float32)
-        return self
 
     def extra_repr(self) -> str:
         parts = [

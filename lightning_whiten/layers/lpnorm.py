@@ -13,15 +13,14 @@ from .. import functional
 from ..functional._backend import compiling
 from ..functional.lp import check_p
 from ..registry import NormFamily, register_family
-from .base import _check_momentum, statistics_dtype, warns_at_batch
+from ._shared import Float32Buffers, check_eps, check_input, check_momentum, read_batchnorm
+from .base import statistics_dtype, warns_at_batch
 from .norm_act import NormActMixin
 
 __all__ = ["LpNorm"]
 
-_FLOAT_BUFFER_DTYPES = (torch.float32, torch.float64)
 
-
-class PerChannelNorm(nn.Module):
+class PerChannelNorm(Float32Buffers):
     """Shared machinery of the per-channel Lp normalizers (:class:`LpNorm`, :class:`StreamingNorm`).
 
     Options, validation (at construction and on every later assignment of a schedulable
@@ -114,27 +113,10 @@ class PerChannelNorm(nn.Module):
                 "build a new layer for another p"
             )
         if name == "momentum":
-            _check_momentum(owner, value)
+            check_momentum(owner, value)
         elif name == "eps":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{owner}: eps must be a positive number, got {value!r}")
-            value = float(value)
+            value = check_eps(owner, value)
         super().__setattr__(name, value)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # Keep running statistics in at least float32 when the module is cast to fp16/bf16
-        # (Trainer(precision="16-true")): a running average in half precision drifts.
-        dtypes = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, buf in self._buffers.items():
-            if (
-                buf is not None
-                and buf.dtype.is_floating_point
-                and buf.dtype not in _FLOAT_BUFFER_DTYPES
-                and dtypes.get(name) in _FLOAT_BUFFER_DTYPES
-            ):
-                self._buffers[name] = buf.to(torch.float32)
-        return self
 
     def extra_repr(self) -> str:
         parts = [
@@ -152,22 +134,7 @@ class PerChannelNorm(nn.Module):
         return []
 
     def _check_input(self, x: Tensor, batch_stats: bool) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{self.describe()}: expected a Tensor input, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(
-                f"{self.describe()}: expected a floating-point input, got dtype {x.dtype}"
-            )
-        if not 2 <= x.dim() <= 5:
-            raise ValueError(
-                f"{self.describe()}: expected an input of shape (N, C), (N, C, L), (N, C, H, W) "
-                f"or (N, C, D, H, W), got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self.describe()}: expected {self.num_features} channels (num_features) in "
-                f"dim 1, got input of shape {tuple(x.shape)}"
-            )
+        check_input(self.describe(), x, self.num_features)
         if x.numel() == 0:
             raise ValueError(f"{self.describe()}: got an empty input of shape {tuple(x.shape)}")
         if batch_stats and self.uses_batch_statistics and x.numel() // self.num_features < 2:
@@ -246,24 +213,9 @@ class PerChannelNorm(nn.Module):
                 what is taken from ``bn``.
         """
         name = f"{cls.__name__}.from_batchnorm"
-        running_mean = getattr(bn, "running_mean", None)
-        running_var = getattr(bn, "running_var", None)
-        weight = getattr(bn, "weight", None)
-        bias = getattr(bn, "bias", None)
-        ref = weight if weight is not None else running_mean
-        if ref is None:
-            raise ValueError(
-                f"{name}: {type(bn).__name__} has neither affine weights nor running statistics; "
-                "nothing to convert"
-            )
-        num_features = int(getattr(bn, "num_features", ref.numel()))
-        tracks = running_mean is not None and running_var is not None
-        kwargs: dict[str, Any] = {
-            "affine": weight is not None,
-            "track_running_stats": tracks,
-            "device": ref.device,
-            "dtype": ref.dtype if ref.dtype.is_floating_point else None,
-        }
+        state = read_batchnorm(bn, name)
+        num_features, tracks, weight = state.num_features, state.tracks, state.weight
+        kwargs = state.layer_options()
         if hasattr(bn, "momentum"):  # frozen BatchNorms have none: the layer's default applies
             kwargs["momentum"] = bn.momentum
         kwargs.update(options)
@@ -296,22 +248,16 @@ class PerChannelNorm(nn.Module):
         with torch.no_grad():
             if layer.weight is not None:
                 w = weight if weight is not None else torch.ones_like(layer.weight)
-                b = bias if bias is not None else torch.zeros_like(layer.bias)
+                b = state.bias if state.bias is not None else torch.zeros_like(layer.bias)
                 layer.weight.copy_(w.to(torch.float64) * factor)
                 layer.bias.copy_(b)
-                if weight is not None:
-                    layer.weight.requires_grad_(
-                        isinstance(weight, nn.Parameter) and weight.requires_grad
-                    )
-                    layer.bias.requires_grad_(isinstance(bias, nn.Parameter) and bias.requires_grad)
+                state.copy_trainability(layer)
             if tracks and layer.track_running_stats:
-                bn_eps = float(getattr(bn, "eps", 1e-5))
-                std = (running_var.to(torch.float64) + bn_eps).sqrt()
-                layer.running_mean.copy_(running_mean)
+                assert state.running_mean is not None and state.running_var is not None
+                std = (state.running_var.to(torch.float64) + state.eps).sqrt()
+                layer.running_mean.copy_(state.running_mean)
                 layer.running_moment.copy_((factor * std) ** p - layer.eps)
-                tracked = getattr(bn, "num_batches_tracked", None)
-                if tracked is not None:
-                    layer.num_batches_tracked.copy_(tracked)
+                state.copy_counter(layer)
         layer.train(bn.training)
         return layer
 
