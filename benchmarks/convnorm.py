@@ -41,17 +41,6 @@ from lightning_whiten.models import resnet18
 from .common import RESULTS, environment, median_ms, write_json
 
 
-def convert_convolutions(model: nn.Module, **options: Any) -> int:
-    """Every groups=1 ``nn.Conv2d`` -> ``ConvNorm2d.from_conv`` (the BatchNorms stay)."""
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Conv2d and child.groups == 1:
-                setattr(module, name, lw.ConvNorm2d.from_conv(child, **options))
-                count += 1
-    return count
-
-
 def _interleaved(
     fns: dict[str, Any], device: torch.device, rounds: int, repeats: int
 ) -> dict[str, list[float]]:
@@ -96,7 +85,7 @@ def model_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
         y = torch.randint(0, 10, (batch,), device=device)
         variants = {"plain (BN)": copy.deepcopy(base)}
         converted = copy.deepcopy(base)
-        n = convert_convolutions(converted, running_v="cosine")
+        n = lw.convert(converted, "convnorm", running_v="cosine").num_replaced  # BNs stay
         variants[f"ConvNorm x{n} + BN"] = converted
         steps = {label: _train_step(model, x, y) for label, model in variants.items()}
         times = _interleaved(steps, device, rounds=2 if quick else 5, repeats=2 if quick else 3)

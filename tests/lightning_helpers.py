@@ -105,3 +105,31 @@ class BufferDump(pl.Callback):
             {"buffers": buffers, "types": types, "monitor_sampled": sampled},
             os.path.join(self.directory, f"rank{trainer.global_rank}.pt"),
         )
+
+
+def fit_readme_yaml(example: str, tmp_path, backbone: str = "cifar/resnetv2_20",
+                    image_size: int = 16, **trainer):  # fmt: skip
+    """Run ``lightning-whiten fit`` on a README YAML snippet (its ``trainer`` section), with a
+    tiny model and synthetic data filled in; returns the CLI object."""
+    import yaml
+
+    from lightning_whiten.cli import run
+
+    config = yaml.safe_load(example)
+    config["trainer"].update(
+        {"logger": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+         "accelerator": "cpu", **trainer}
+    )  # fmt: skip
+    config["model"] = {
+        "class_path": "lightning_whiten.ImageClassifier",
+        "init_args": {"backbone": backbone, "num_classes": 4},
+    }
+    config["data"] = {
+        "class_path": "lightning_whiten.data.SyntheticImages",
+        "init_args": {"num_classes": 4, "image_size": image_size, "num_train": 16, "num_val": 8,
+                      "batch_size": 8},
+    }  # fmt: skip
+    config["seed_everything"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run(["fit", "--config", str(path)])

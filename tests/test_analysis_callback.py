@@ -8,15 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Trainer, seed_everything
-from lightning_helpers import TinyClassifier, loader, make_data
+from lightning_helpers import TinyClassifier, fit_readme_yaml, loader, make_data
 from test_callback import RecordingLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_whiten as lw
-from lightning_whiten.cli import run
 
 
 class DropoutClassifier(pl.LightningModule):
@@ -170,24 +168,7 @@ def test_readme_examples_run(tmp_path, capsys):
     assert analysis.every_n_steps == 500
 
     (example,) = readme_blocks("yaml")
-    config = yaml.safe_load(example)
-    config["trainer"].update(
-        {"max_steps": 2, "logger": False, "enable_progress_bar": False,
-         "default_root_dir": str(tmp_path), "accelerator": "cpu", "limit_val_batches": 0}
-    )  # fmt: skip
-    config["model"] = {
-        "class_path": "lightning_whiten.ImageClassifier",
-        "init_args": {"backbone": "cifar/resnetv2_20", "num_classes": 4},
-    }
-    config["data"] = {
-        "class_path": "lightning_whiten.data.SyntheticImages",
-        "init_args": {"num_classes": 4, "image_size": 16, "num_train": 16, "num_val": 8,
-                      "batch_size": 8},
-    }  # fmt: skip
-    config["seed_everything"] = 0
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = run(["fit", "--config", str(path)])
+    cli = fit_readme_yaml(example, tmp_path, max_steps=2, limit_val_batches=0)
     (analysis,) = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormalizationAnalysis)]
     assert [r["step"] for r in analysis.history] == [0]
     assert len(analysis.history[0]["covariate_shift"]) == 8  # spread over the depth

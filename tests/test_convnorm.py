@@ -480,23 +480,12 @@ def test_compiled_layer_equals_eager_forward_and_backward():
     torch._dynamo.reset()
 
 
-def convert_convolutions(model: nn.Module, **options) -> int:
-    """Every groups=1 nn.Conv2d -> ConvNorm2d.from_conv (what convert(model, "convnorm") will do)."""
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Conv2d and child.groups == 1:
-                setattr(module, name, lw.ConvNorm2d.from_conv(child, **options))
-                count += 1
-    return count
-
-
 def test_converted_torchvision_resnet18_trains_with_finite_loss():
     import torchvision
 
     torch.manual_seed(13)
     model = torchvision.models.resnet18(num_classes=10)
-    assert convert_convolutions(model, running_v="cosine") == 20
+    assert lw.convert(model, "convnorm", running_v="cosine").num_replaced == 20
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     losses = []

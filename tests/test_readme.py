@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 import yaml
+from lightning_helpers import fit_readme_yaml
 
 import lightning_whiten as lw
-from lightning_whiten.cli import run
 from lightning_whiten.layers import WhiteningNorm
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -49,24 +49,10 @@ def test_python_examples_run(tmp_path, monkeypatch):
 
 def test_callback_yaml_example_runs(tmp_path):
     (example,) = blocks("yaml", "Lightning: `WhiteningCallback`")
-    config = yaml.safe_load(example)
-    config["trainer"].update(
-        {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
-         "enable_progress_bar": False, "default_root_dir": str(tmp_path), "accelerator": "cpu"}
+    cli = fit_readme_yaml(
+        example, tmp_path, backbone="timm/resnet18", image_size=32,
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1,
     )  # fmt: skip
-    config["model"] = {
-        "class_path": "lightning_whiten.ImageClassifier",
-        "init_args": {"backbone": "timm/resnet18", "num_classes": 4},
-    }
-    config["data"] = {
-        "class_path": "lightning_whiten.data.SyntheticImages",
-        "init_args": {"num_classes": 4, "image_size": 32, "num_train": 16, "num_val": 8,
-                      "batch_size": 8},
-    }  # fmt: skip
-    config["seed_everything"] = 0
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = run(["fit", "--config", str(path)])
     net = cli.model.net
     assert not isinstance(net.bn1, WhiteningNorm)  # excluded
     assert isinstance(net.layer4[0].bn1, WhiteningNorm)
@@ -87,23 +73,9 @@ def test_sam_examples_run(tmp_path):
     assert torch.isfinite(namespace["loss"]) and float(sam.perturbation_norm) > 0
 
     (example,) = blocks("yaml", "SAM-ON")
-    config = yaml.safe_load(example)
-    config["trainer"].update(
-        {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
-         "enable_progress_bar": False, "default_root_dir": str(tmp_path), "accelerator": "cpu"}
-    )  # fmt: skip
-    config["model"] = {
-        "class_path": "lightning_whiten.ImageClassifier",
-        "init_args": {"backbone": "cifar/resnetv2_20", "num_classes": 4},
-    }
-    config["data"] = {
-        "class_path": "lightning_whiten.data.SyntheticImages",
-        "init_args": {"num_classes": 4, "image_size": 16, "num_train": 16, "num_val": 8,
-                      "batch_size": 8},
-    }  # fmt: skip
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = run(["fit", "--config", str(path)])
+    cli = fit_readme_yaml(
+        example, tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1
+    )
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormSAMCallback)]
     assert callback.sam_steps == 2 and callback.sam.normalize_bias
 
