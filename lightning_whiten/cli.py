@@ -135,7 +135,7 @@ def _cli_class():
 # jsonargparse wraps a constructor's error in its own; the cause is the user's message.
 _WRAPPERS = {"ArgumentError", "NSKeyError", "ValueError", "TypeError"}
 # jsonargparse's own words for a value that matched no type of a Union, one per type tried.
-_TYPE_MISMATCH = ("Expected a ", "Does not validate against", "Not a valid subclass", "Type ")
+_TYPE_MISMATCH = ("Expected a ", "Does not validate against")
 
 
 def _user_message(err: BaseException) -> str:
