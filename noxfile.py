@@ -1,4 +1,4 @@
-"""Developer sessions: ``uvx nox -s tests``, ``-s lint``, ``-s bench``.
+"""Developer sessions: ``uvx nox -s tests``, ``-s lint``, ``-s bench``, ``-s docs``.
 
 Each session syncs the locked environment with uv into its own virtualenv.
 """
@@ -62,3 +62,10 @@ def norm_study(session: nox.Session) -> None:
     writes benchmarks/results/norm_study.{json,md} and its plots."""
     _sync(session)
     session.run("python", "-m", "benchmarks.norm_study", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs.yml, docs/) built into site/ with warnings as errors."""
+    _sync(session)
+    session.run("mkdocs", "build", "--strict", *session.posargs)

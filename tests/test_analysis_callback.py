@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
 import torch
+from doc_examples import blocks
 from lightning.pytorch import Trainer, seed_everything
 from lightning_helpers import TinyClassifier, fit_readme_yaml, loader, make_data
 from test_callback import RecordingLogger
@@ -147,15 +145,8 @@ def test_analysis_rejects_bad_options():
         lw.NormalizationAnalysis(loss_fn="no_such_loss")
 
 
-def readme_blocks(language: str) -> list[str]:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    start = readme.index("\n## Normalization analysis")
-    end = readme.find("\n## ", start + 1)
-    return re.findall(rf"```{language}\n(.*?)```", readme[start:end], flags=re.DOTALL)
-
-
-def test_readme_examples_run(tmp_path, capsys):
-    api, callback = readme_blocks("python")
+def test_docs_examples_run(tmp_path, capsys):
+    api, callback = blocks("docs/guide/analysis.md", "python")
     namespace: dict = {}
     exec(api, namespace)
     assert set(namespace["shift"]) == {"0", "3", "8"} and namespace["shift"]["0"]["l2"] == 0.0
@@ -167,7 +158,7 @@ def test_readme_examples_run(tmp_path, capsys):
     ]
     assert analysis.every_n_steps == 500
 
-    (example,) = readme_blocks("yaml")
+    (example,) = blocks("docs/guide/analysis.md", "yaml")
     cli = fit_readme_yaml(example, tmp_path, max_steps=2, limit_val_batches=0)
     (analysis,) = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormalizationAnalysis)]
     assert [r["step"] for r in analysis.history] == [0]

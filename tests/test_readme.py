@@ -1,30 +1,46 @@
-"""The README's examples run as written (placeholders filled with tiny local data)."""
+"""The examples of the README and of the documentation pages (docs/) run as written
+(placeholders filled with tiny local data)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
+from doc_examples import blocks
 from lightning_helpers import fit_readme_yaml
 
 import lightning_whiten as lw
 from lightning_whiten.layers import WhiteningNorm
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+
+def test_readme_python_example_runs():
+    (example,) = blocks("README.md", "python")
+    namespace: dict = {"print": lambda *a: None}
+    exec(example, namespace)  # convert timm resnet50, export, strict load into a fresh model
+    assert namespace["report"].num_replaced == 53
+    assert not any(isinstance(m, WhiteningNorm) for m in namespace["plain"].modules())
 
 
-def blocks(language: str, section: str) -> list[str]:
-    """The fenced ``language`` blocks of the README section whose heading starts with ``section``."""
-    start = README.index(f"\n## {section}")
-    end = README.find("\n## ", start + 1)
-    text = README[start : end if end > 0 else None]
-    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+def test_convert_plan_example_runs(capsys):
+    python, printed = (
+        blocks("docs/guide/convert.md", "python")[0],
+        blocks("docs/guide/convert.md", "text")[0],
+    )
+    namespace: dict = {"lw": lw, "timm": __import__("timm")}
+    exec(python, namespace)
+    replaced, skipped = map(
+        int, re.search(r"(\d+) modules -> IterNorm, (\d+) skipped", printed).groups()
+    )
+    report = namespace["report"]
+    assert (report.num_replaced, report.num_skipped) == (replaced, skipped)
+    out = capsys.readouterr().out
+    assert f"{replaced} modules -> IterNorm, {skipped} skipped" in out
+    assert namespace["spec"].to_dict()["layer"] == "iternorm"
 
 
-def test_python_examples_run(tmp_path, monkeypatch):
+def test_getting_started_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the Trainer writes its logs here
-    layer, surgery, trainer_snippet = blocks("python", "In Python")
+    layer, surgery, trainer_snippet = blocks("docs/getting-started.md", "python", "In Python")
     namespace: dict = {}
     exec(layer, namespace)
     assert not namespace["model"].training
@@ -48,7 +64,7 @@ def test_python_examples_run(tmp_path, monkeypatch):
 
 
 def test_callback_yaml_example_runs(tmp_path):
-    (example,) = blocks("yaml", "Lightning: `WhiteningCallback`")
+    (example,) = blocks("docs/guide/callback.md", "yaml")
     cli = fit_readme_yaml(
         example, tmp_path, backbone="timm/resnet18", image_size=32,
         max_epochs=1, limit_train_batches=2, limit_val_batches=1,
@@ -61,7 +77,7 @@ def test_callback_yaml_example_runs(tmp_path):
 def test_sam_examples_run(tmp_path):
     import torch
 
-    (python,) = blocks("python", "SAM-ON")
+    (python,) = blocks("docs/guide/sam-on.md", "python")
     gen = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen))
@@ -72,7 +88,7 @@ def test_sam_examples_run(tmp_path):
     assert isinstance(sam, lw.NormSAM) and sam.adaptive and sam.rho == 10.0
     assert torch.isfinite(namespace["loss"]) and float(sam.perturbation_norm) > 0
 
-    (example,) = blocks("yaml", "SAM-ON")
+    (example,) = blocks("docs/guide/sam-on.md", "yaml")
     cli = fit_readme_yaml(
         example, tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1
     )
@@ -83,7 +99,7 @@ def test_sam_examples_run(tmp_path):
 def test_convnorm_examples_run(tmp_path):
     from lightning.pytorch import Trainer
 
-    example, surgery = blocks("python", "ConvNorm")
+    example, surgery = blocks("docs/guide/convnorm.md", "python")
     namespace: dict = {}
     exec(example, namespace)
     assert namespace["y"].shape == (8, 128, 16, 16)
@@ -97,7 +113,7 @@ def test_convnorm_examples_run(tmp_path):
     report = namespace["report"]
     assert (report.num_replaced, report.num_skipped, len(report.removed)) == (20, 0, 20)
 
-    (options,) = blocks("yaml", "ConvNorm")
+    (options,) = blocks("docs/guide/convnorm.md", "yaml")
     init = yaml.safe_load(options)["model"]["init_args"]
     model = lw.ImageClassifier(
         "cifar/resnet18", num_classes=4, backbone_options={"width": 4, "conv": "convnorm"}, **init

@@ -16,10 +16,10 @@ from lightning_whiten.cli import run
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 
-def test_every_recipe_is_listed_in_the_readme():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_every_recipe_is_listed_in_the_docs():
+    page = (Path(__file__).parent.parent / "docs" / "guide" / "recipes.md").read_text()
     for recipe in RECIPES:
-        assert f"recipes/{recipe.name}" in readme, recipe.name
+        assert f"/recipes/{recipe.name})" in page, recipe.name
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

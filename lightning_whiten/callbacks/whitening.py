@@ -44,9 +44,8 @@ class WhiteningCallback(Callback):
         layer: a registered family (``"iternorm"``, ``"dbn"``, ``"swbn"``, ...) or a whitening
             layer class path.
         layer_options: options of the layer (``{"group_size": 64, "iterations": 5}``).
-        include, exclude, types, min_channels, placement, stages, frozen, respect_conv_groups,
-            insert, drop_following_norm: selection (insertion, removal), as in
-            :func:`lightning_whiten.convert`.
+        include, exclude, types, min_channels, placement, stages, frozen, respect_conv_groups, insert, drop_following_norm:
+            selection (insertion, removal), as in :func:`lightning_whiten.convert`.
         schedules: ``{"attribute" or "attribute@pattern": schedule}``, applied at the start of
             every training batch; e.g. ``{"iterations": Step([3, 5], [0.5], unit="fraction")}``.
             Any numeric attribute of the layers can be scheduled (``iterations``,

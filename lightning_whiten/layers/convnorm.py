@@ -112,8 +112,8 @@ class ConvNorm2d(Float32Buffers):
     ``(sum_j a_ij^2 + eps)^(-1/2)`` and the convolution runs directly at its stride.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, bias, device,
-            dtype: as ``nn.Conv2d``. ``padding`` may be an int, a pair, ``"valid"`` or
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias, device, dtype:
+            as ``nn.Conv2d``. ``padding`` may be an int, a pair, ``"valid"`` or
             ``"same"`` (stride 1); per side it may not exceed ``dilation * (kernel_size - 1)``
             (the full convolution) unless the kernel is 1x1.
         groups: must be 1 (grouped and depthwise convolutions are not supported yet).
