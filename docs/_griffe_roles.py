@@ -1,5 +1,6 @@
 """Griffe extension: Sphinx roles in the docstrings (``:class:`~lightning_whiten.IterNorm```)
-become Markdown for mkdocstrings.
+become Markdown for mkdocstrings, and an rST literal-block marker (a paragraph ending in
+``::``, whose indented block Markdown already shows as code) ends in one colon.
 
 A role naming a public object of a module with an API page (``lightning_whiten.layers.IterNorm``,
 a top-level name such as ``lightning_whiten.convert``, or one of their members) becomes a
@@ -16,6 +17,7 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):`(~?)([^`]+)`")
+LITERAL = re.compile(r"(?<=\S)::\n\n")
 # The modules rendered in docs/api/ (the page of each lists its public names, ``__all__``).
 API_MODULES = (
     "layers", "functional", "surgery", "registry", "callbacks", "schedules", "diagnostics",
@@ -28,7 +30,7 @@ class SphinxRoles(griffe.Extension):
         self.pending: list[griffe.Object] = []
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
-        if obj.docstring is not None and ":`" in obj.docstring.value:
+        if obj.docstring is not None:
             self.pending.append(obj)
 
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
@@ -55,7 +57,8 @@ class SphinxRoles(griffe.Extension):
             return f"`{shown}`"
 
         for obj in self.pending:
-            obj.docstring.value = ROLE.sub(markdown, obj.docstring.value)
+            text = ROLE.sub(markdown, obj.docstring.value)
+            obj.docstring.value = LITERAL.sub(":\n\n", text)
         self.pending.clear()
 
 
