@@ -303,6 +303,12 @@ def _cli_class():
                 super().instantiate_classes()
             except (ValueError, TypeError, FileNotFoundError) as err:
                 _fail(_user_message(err))
+            config = self.config.get(str(self.subcommand), self.config)
+            if config.get("ckpt_path") is not None:
+                # a resumed fit: the run that wrote the checkpoint printed the table
+                for callback in self.trainer.callbacks:
+                    if isinstance(callback, WhiteningCallback) and callback.log_report is True:
+                        callback.log_report = "summary"
 
         def instantiate_trainer(self, **kwargs):
             extra = [
