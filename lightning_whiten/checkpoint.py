@@ -77,8 +77,11 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
     load_checkpoint(path)
 
 
-#: What ``torch.load`` raises for a file that is empty, truncated or not a checkpoint.
-UNREADABLE = (EOFError, OSError, RuntimeError, pickle.UnpicklingError)
+#: What ``torch.load`` raises for a file that is empty, truncated or not a checkpoint (the
+#: weights-only unpickler fails on stray bytes with IndexError, KeyError or ValueError).
+UNREADABLE = (
+    EOFError, OSError, RuntimeError, pickle.UnpicklingError, IndexError, KeyError, ValueError
+)  # fmt: skip
 
 
 def unreadable(path: str | os.PathLike, err: BaseException) -> ValueError:

@@ -282,10 +282,13 @@ def _cli_class():
                 WhiteningCallback, "whiten", subclass_mode=True, required=False
             )
 
-        def before_instantiate_classes(self) -> None:
-            # Lightning reads --ckpt_path only after building and converting the model, and a
-            # bad file then ends in a traceback from torch's zip reader: check it first.
-            config = self.config.get(str(self.subcommand), self.config)
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            # LightningCLI reads --ckpt_path right after parsing (for its hyperparameters) and
+            # the Trainer again after converting the model: a bad file ended in a traceback
+            # from torch's zip reader or unpickler. Check it first, with the package's words.
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand, self.config) if subcommand else self.config
             path = config.get("ckpt_path")
             if path is None or path in ("last", "hpc", "registry") or "://" in str(path):
                 return
