@@ -481,6 +481,8 @@ def _main(argv: list[str] | None) -> None:
     if args[0] == "recipes":
         try:
             recipes_command(args[1:])
+        except BrokenPipeError:
+            raise
         except (RecipeError, OSError) as err:
             _fail(str(err))
         return

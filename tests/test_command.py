@@ -35,6 +35,8 @@ def whiten_config(tmp_path: Path, **changes) -> Path:
     config = yaml.safe_load(path.read_text())
     callbacks = config["trainer"]["callbacks"]
     config["whiten"] = callbacks.pop(0)["init_args"]
+    path.unlink()
+    path = tmp_path / "whiten.yaml"  # not config.yaml: each run saves its config as that
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -175,6 +177,7 @@ def converted(cli_object) -> list[torch.nn.Module]:
     return [m for m in cli_object.model.modules() if lw.registry.family_of(m) is not None]
 
 
+@pytest.mark.slow  # three short in-process fits (~6 s)
 def test_whitening_options_on_the_command_line(tmp_path):
     config = whiten_config(tmp_path)
     done = cli.run(["fit", "--config", str(config), "--trainer.fast_dev_run", "true",
@@ -272,11 +275,13 @@ def test_a_truncated_checkpoint_is_one_line_without_traceback(tmp_path, real_che
                            str(whiten_config(tmp_path)), "--ckpt_path", str(path)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(
         f"lightning-whiten: error: checkpoint {str(path)!r} ({path.stat().st_size} bytes) cannot "
-        "be read: it is truncated, corrupted or not a torch checkpoint (RuntimeError: "
-        "PytorchStreamReader failed reading zip archive: failed finding central directory)"
-    ]
+        "be read: it is truncated, corrupted or not a torch checkpoint ("
+    ), done.stderr
+    assert "modules -> IterNorm" not in done.stdout
 
 
 # -- 4. the smaller cases ----------------------------------------------------------------------
@@ -296,8 +301,8 @@ def closed_pipe_run(command: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "command",
     [["lightning-whiten", "--help"], ["-m", "lightning_whiten", "--help"],
-     ["lightning-whiten", "recipes", "list"], ["-m", "lightning_whiten", "fit", "--help"]],
-    ids=["script", "module", "recipes", "fit-help"],
+     ["lightning-whiten", "recipes", "list"]],
+    ids=["script", "module", "recipes"],
 )  # fmt: skip
 def test_help_into_a_closed_pipe_ends_quietly(command):
     if command[0] == "lightning-whiten":
