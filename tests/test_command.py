@@ -80,7 +80,7 @@ def test_config_takes_a_recipe_name_or_a_file(tmp_path, monkeypatch):
     with pytest.raises(cli.RecipeError, match="'quickstrat' is not a file and not a bundled "
                        "recipe; close names: quickstart"):  # fmt: skip
         cli.resolve_config("quickstrat")
-    with pytest.raises(cli.RecipeError, match="'no/such.yaml': no such file"):
+    with pytest.raises(cli.RecipeError, match=r"'no/such\.yaml': no such file"):
         cli.resolve_config("no/such.yaml")
     args = ["fit", "--config", "quickstart", "--config=quickstart_bn", "--trainer.max_epochs", "1"]
     resolved = cli.resolve_config_args(args)
@@ -198,7 +198,9 @@ def test_whitening_options_on_the_command_line(tmp_path):
 
 
 def test_the_callbacks_form_keeps_working(tmp_path):
-    done = cli.run(["fit", "--config", str(tiny_config(tmp_path)), "--trainer.fast_dev_run", "true"])
+    done = cli.run(
+        ["fit", "--config", str(tiny_config(tmp_path)), "--trainer.fast_dev_run", "true"]
+    )
     assert all(isinstance(m, lw.IterNorm) and m.group_size == 16 for m in converted(done))
     assert sum(isinstance(c, lw.WhiteningCallback) for c in done.trainer.callbacks) == 1
 
@@ -406,6 +408,6 @@ def test_every_converted_layer_has_a_producer_or_the_reason_it_has_none():
     assert len(none) == 8  # the pre-activation blocks' first norm after the first block
     for name in none:  # export cannot fold them either, for the same reason
         assert unfolded[name] == "its input is not the output of a convolution or linear layer"
-    assert "┃ producer" in str(report) and "none: not a conv/linear output (export: 1x1 map)" in str(
+    assert "┃ producer" in str(
         report
-    )
+    ) and "none: not a conv/linear output (export: 1x1 map)" in str(report)
