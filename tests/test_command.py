@@ -416,3 +416,41 @@ def test_every_converted_layer_has_a_producer_or_the_reason_it_has_none():
     assert "┃ producer" in str(
         report
     ) and "none: not a conv/linear output (export: 1x1 map)" in str(report)
+
+
+@pytest.mark.slow  # ten in-process parses (~10 s)
+def test_the_recipes_page_commands_run(tmp_path, monkeypatch, capsys):
+    # Every command of docs/guide/recipes.md: `recipes` ones for real (in an empty folder),
+    # `fit` ones parsed and resolved (--print_config) and the whitening they configure built.
+    import re
+    import shlex
+
+    page = (ROOT / "docs" / "guide" / "recipes.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", page, re.DOTALL)
+    commands = [shlex.split(line, comments=True) for b in blocks for line in b.splitlines()]
+    commands = [c for c in commands if c and c[0] == "lightning-whiten"]
+    assert len(commands) >= 8
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text((RECIPES / "quickstart.yaml").read_text())
+    for command in commands:
+        args = command[1:]
+        if args[0] == "recipes":
+            if args[1] == "copy":
+                (tmp_path / args[3]).unlink(missing_ok=True)
+            cli.main(args)
+            continue
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run([*args, "--print_config"])
+        assert exit_info.value.code in (0, None), command
+        printed = yaml.safe_load(capsys.readouterr().out)
+        whiten = printed.get("whiten")
+        if "null" in args:
+            assert whiten is None, command
+            continue
+        init = whiten["init_args"]
+        lw.WhiteningCallback(**init)  # a valid conversion
+        if "--whiten.layer" in args:
+            assert init["layer"] == args[args.index("--whiten.layer") + 1]
+        if "--whiten.layer_options.group_size" in args:
+            assert init["layer_options"] == {"group_size": 8, "iterations": 5, "momentum": 0.3}
