@@ -262,8 +262,11 @@ def test_a_bad_checkpoint_file_is_said_as_load_converted_says_it(kind, tmp_path,
     check_checkpoint_file(real_checkpoint)  # a good one passes
 
 
-@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
-@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+@pytest.mark.parametrize(
+    ("subcommand", "kind"),
+    [("validate", kind) for kind in sorted(BAD_CHECKPOINTS)]
+    + [("fit", "missing"), ("fit", "text")],
+)
 def test_ckpt_path_is_checked_before_any_work(kind, subcommand, tmp_path, real_checkpoint,
                                               capsys):  # fmt: skip
     path = bad_checkpoint(kind, tmp_path, real_checkpoint)
