@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
+import zipfile
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from .surgery import ConversionSpec, convert
 __all__ = [
     "CHECKPOINT_KEY",
     "apply_layer_attributes",
+    "check_checkpoint_file",
     "check_resume",
     "conversion_spec",
     "layer_attributes",
@@ -49,8 +51,37 @@ def load_checkpoint(
     return checkpoint
 
 
-#: What ``torch.load`` raises for a file that is empty, truncated or not a checkpoint.
-UNREADABLE = (EOFError, OSError, RuntimeError, pickle.UnpicklingError)
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raise the error :func:`load_checkpoint` would for a file that is missing, empty,
+    truncated or not a torch checkpoint, without reading a well-formed checkpoint's data.
+
+    A file ``torch.save`` wrote is a zip archive with a ``<name>/data.pkl`` record; its
+    directory sits at the end of the file, so a truncated file is not a zip archive. Such a
+    file is accepted after reading only the directory; anything else (including the legacy
+    non-zip format) is read with :func:`load_checkpoint`, so the message is the same.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file is empty, truncated, corrupted or not a checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} is not a file")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                return
+    except (OSError, zipfile.BadZipFile):
+        pass  # read it below, for load_checkpoint's words
+    load_checkpoint(path)
+
+
+#: What ``torch.load`` raises for a file that is empty, truncated or not a checkpoint (the
+#: weights-only unpickler fails on stray bytes with IndexError, KeyError or ValueError).
+UNREADABLE = (
+    EOFError, OSError, RuntimeError, pickle.UnpicklingError, IndexError, KeyError, ValueError
+)  # fmt: skip
 
 
 def unreadable(path: str | os.PathLike, err: BaseException) -> ValueError:

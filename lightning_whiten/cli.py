@@ -1,31 +1,44 @@
 """The ``lightning-whiten`` command: LightningCLI with the project's model and datamodules.
 
-    lightning-whiten fit --config recipes/quickstart.yaml
-    lightning-whiten fit --config recipes/quickstart.yaml --trainer.max_epochs 2 --print_config
-    python -m lightning_whiten validate --config recipes/quickstart.yaml --ckpt_path last.ckpt
+    lightning-whiten fit --config quickstart
+    lightning-whiten fit --config quickstart --whiten.layer_options.group_size 8 --print_config
+    lightning-whiten recipes list
+    lightning-whiten recipes copy quickstart my.yaml
+    python -m lightning_whiten validate --config my.yaml --ckpt_path last.ckpt
 
-Model and datamodules resolve by short class name (``--data Digits``); ``WhiteningCallback``
-and ``WhiteningMonitor`` can be configured as trainer callbacks in YAML. The datamodule's
-``num_classes`` is linked to the model's. The resolved config is saved with every run.
+``--config`` takes a file or the name of a bundled recipe (the package ships them:
+``lightning_whiten/recipes`` in a wheel, the checkout's ``recipes/`` in a source install).
+The whitening is the ``whiten`` section (``--whiten.layer dbn``,
+``--whiten.layer_options.group_size 8``): a :class:`~lightning_whiten.WhiteningCallback`
+added to the Trainer's callbacks; configs that list the callback in ``trainer.callbacks``
+keep working. Model and datamodules resolve by short class name (``--data Digits``); the
+datamodule's ``num_classes`` is linked to the model's. The resolved config is saved with
+every run.
 
-``lightning-whiten --help`` answers without importing Lightning (it lists the recipes); a
-mistake in a config (a misspelt layer or option, a negative learning rate, a missing data
-folder) is reported as one line before any work starts.
+``lightning-whiten --help`` and ``recipes`` answer without importing Lightning; a mistake in
+a config (a misspelt layer or option, a negative learning rate, a missing data folder, an
+unreadable ``--ckpt_path``) is reported as one line before any work starts.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
+import os
+import re
+import shutil
 import sys
 import warnings
+from importlib import resources
 from pathlib import Path
 
-__all__ = ["DESCRIPTION", "main", "run"]
+__all__ = ["DESCRIPTION", "main", "recipe_path", "recipes_dir", "resolve_config", "run"]
 
 DESCRIPTION = (
     "lightning-whiten: train vision models with batch whitening (IterNorm, DBN, SWBN) and the "
-    "normalization methods around it, through LightningCLI. A recipe is a YAML config: "
-    "lightning-whiten fit --config recipes/<name>.yaml"
+    "normalization methods around it, through LightningCLI. A recipe is a YAML config, given "
+    "by name (a bundled recipe) or as a file: lightning-whiten fit --config quickstart"
 )
 SUBCOMMANDS = {
     "fit": "Train a model: converts its normalization layers (WhiteningCallback), trains, "
@@ -33,25 +46,150 @@ SUBCOMMANDS = {
     "validate": "Run the validation loop on a trained model (--ckpt_path).",
     "test": "Run the test loop on a trained model (--ckpt_path).",
     "predict": "Predict class probabilities with a trained model (--ckpt_path).",
+    "recipes": "List the bundled recipes, print one, or copy one out for editing "
+    "(lightning-whiten recipes copy quickstart my.yaml).",
 }
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipes_dir(package: Path | None = None) -> Path | None:
+    """The folder of the bundled recipes, or ``None``.
+
+    A wheel ships them inside the package (``lightning_whiten/recipes``, found through
+    :mod:`importlib.resources`); a source checkout (an editable install) keeps them in its
+    top-level ``recipes/``, next to its ``pyproject.toml``. A ``recipes/`` folder beside an
+    installed package (``site-packages/recipes``) belongs to something else and is never read.
+    ``package``: the package folder to look in (tests); default: this package.
+    """
+    bundled = resources.files(__package__) / "recipes" if package is None else package / "recipes"
+    if isinstance(bundled, Path) and bundled.is_dir():
+        return bundled
+    package = Path(__file__).resolve().parent if package is None else package
+    checkout = package.parent
+    pyproject = checkout / "pyproject.toml"
+    if (
+        pyproject.is_file()
+        and re.search(r'^name = "lightning-whiten"$', pyproject.read_text(), re.MULTILINE)
+        and (checkout / "recipes").is_dir()
+    ):
+        return checkout / "recipes"
+    return None
+
+
+def recipe_names() -> list[str]:
+    """The names of the bundled recipes (file names without ``.yaml``), sorted."""
+    folder = recipes_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder is not None else []
+
+
+class RecipeError(ValueError):
+    """A ``--config`` that is neither a file nor a bundled recipe, or a ``recipes`` mistake."""
+
+
+def recipe_path(name: str) -> Path:
+    """The file of the bundled recipe ``name`` (``"quickstart"`` or ``"quickstart.yaml"``).
+
+    Raises:
+        RecipeError: no bundled recipe has that name (close names are suggested).
+    """
+    stem = name[:-5] if name.endswith(".yaml") else name
+    folder = recipes_dir()
+    if folder is not None and "/" not in stem and (folder / f"{stem}.yaml").is_file():
+        return folder / f"{stem}.yaml"
+    names = recipe_names()
+    close = difflib.get_close_matches(stem, names, n=3, cutoff=0.6)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise RecipeError(
+        f"{name!r} is not a file and not a bundled recipe{hint} "
+        "(lightning-whiten recipes list shows them)"
+    )
+
+
+# A --config value that names a file or a recipe (not an inline YAML/JSON config).
+_NAME_LIKE = re.compile(r"^[^\s{}\[\]:,]+$")
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value as LightningCLI reads it: a file as it is, a recipe's name as the
+    path of the bundled recipe; anything else that looks like a name or a path is an error
+    (an inline YAML config passes through).
+
+    Raises:
+        RecipeError: neither a file nor a bundled recipe.
+    """
+    if not _NAME_LIKE.match(value) or os.path.isfile(value):
+        return value
+    if os.sep in value or "/" in value or not re.fullmatch(r"[\w.-]+", value):
+        raise RecipeError(f"--config {value!r}: no such file")
+    return str(recipe_path(value))
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """``args`` with every ``--config``/``-c`` value passed through :func:`resolve_config`."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out
 
 
 def recipe_summaries() -> list[tuple[str, str]]:
-    """``(name, first line of its header)`` for every recipe next to the package (a source
-    checkout; an installed wheel has none)."""
+    """``(name, first line of its header)`` for every bundled recipe."""
+    folder = recipes_dir()
     rows = []
-    for path in sorted(RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []:
+    for name in recipe_names():
+        path = folder / f"{name}.yaml"  # type: ignore[operator]
         first = path.read_text().splitlines()[0] if path.stat().st_size else ""
         summary = first.lstrip("# ").split(" -- ", 1)[-1].strip()
-        rows.append((path.stem, summary))
+        rows.append((name, summary))
     return rows
+
+
+def recipes_command(args: list[str]) -> None:
+    """``lightning-whiten recipes list | show NAME | copy NAME [DEST] [--force]``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-whiten recipes",
+        description="The recipes bundled with lightning-whiten (YAML configs for "
+        "lightning-whiten fit --config NAME).",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the recipes with their one-line summary")
+    show = sub.add_parser("show", help="print a recipe")
+    show.add_argument("name")
+    copy = sub.add_parser("copy", help="copy a recipe to a file to edit it")
+    copy.add_argument("name")
+    copy.add_argument("dest", nargs="?", default=None, help="file or folder (default: ./NAME.yaml)")
+    copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+    options = parser.parse_args(args)
+    if options.action == "list":
+        rows = recipe_summaries()
+        if not rows:
+            raise RecipeError("no bundled recipes found (a broken installation?)")
+        width = max(len(name) for name, _ in rows)
+        print(f"recipes ({recipes_dir()}); run one with lightning-whiten fit --config NAME:")
+        for name, summary in rows:
+            print(f"  {name:<{width}}  {summary}")
+        return
+    source = recipe_path(options.name)
+    if options.action == "show":
+        print(source.read_text(), end="")
+        return
+    dest = Path(options.dest if options.dest is not None else source.name)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not options.force:
+        raise RecipeError(f"{dest} exists (--force overwrites it)")
+    shutil.copyfile(source, dest)
+    print(f"lightning-whiten: copied {source.stem} to {dest}; run it with "
+          f"lightning-whiten fit --config {dest}")  # fmt: skip
 
 
 def fast_help() -> str:
     """The top-level help, without importing torch or Lightning."""
     lines = [
-        "usage: lightning-whiten [-h] {fit,validate,test,predict} [--config FILE] [options]",
+        "usage: lightning-whiten [-h] {fit,validate,test,predict,recipes} "
+        "[--config RECIPE_OR_FILE] [options]",
         "",
         DESCRIPTION,
         "",
@@ -61,15 +199,26 @@ def fast_help() -> str:
     recipes = recipe_summaries()
     if recipes:
         width = max(len(name) for name, _ in recipes)
-        lines += ["", f"recipes ({RECIPES}):"]
+        lines += [
+            "",
+            "recipes (--config NAME runs one; lightning-whiten recipes copy NAME edits one):",
+        ]
         lines += [f"  {name:<{width}}  {summary}" for name, summary in recipes]
     lines += [
         "",
         "examples:",
-        "  lightning-whiten fit --config recipes/quickstart.yaml",
-        "  lightning-whiten fit --config recipes/quickstart.yaml --trainer.max_epochs 2",
-        "  lightning-whiten fit --config recipes/quickstart.yaml --print_config",
-        "  lightning-whiten validate --config recipes/quickstart.yaml --ckpt_path last.ckpt",
+        "  lightning-whiten fit --config quickstart",
+        "  lightning-whiten fit --config quickstart --trainer.max_epochs 2",
+        "  lightning-whiten fit --config quickstart --whiten.layer dbn "
+        "--whiten.layer_options '{group_size: 8}'",
+        "  lightning-whiten fit --config quickstart --whiten.layer_options.group_size 8",
+        "  lightning-whiten fit --config quickstart --print_config",
+        "  lightning-whiten recipes copy quickstart my.yaml",
+        "  lightning-whiten fit --config my.yaml",
+        "  lightning-whiten validate --config quickstart --ckpt_path last.ckpt",
+        "",
+        "The whitening options (--whiten.*) are WhiteningCallback's: "
+        "lightning-whiten fit --whiten.help WhiteningCallback lists them.",
     ]
     return "\n".join(lines)
 
@@ -107,11 +256,48 @@ def _quiet() -> None:
 def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
+    from .callbacks import WhiteningCallback
+
     class WhitenCLI(LightningCLI):
+        def init_parser(self, **kwargs):
+            parser = super().init_parser(**kwargs)
+            for action in parser._actions:
+                if action.dest == "config":
+                    action.help = (
+                        "A config: the name of a bundled recipe (lightning-whiten recipes list) "
+                        "or a YAML/JSON file. Given several times, later ones override."
+                    )
+            return parser
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments(
                 "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
             )
+            # The whitening as a section of its own (``whiten: {layer: dbn, layer_options:
+            # {...}}``, ``--whiten.layer_options.group_size 8``): Lightning's pattern for a
+            # callback a CLI always offers. Subclass mode with no default keeps it optional
+            # (no ``whiten``: no conversion, e.g. a BatchNorm baseline) and lets
+            # ``class_path`` be omitted (jsonargparse then uses WhiteningCallback itself).
+            parser.add_lightning_class_args(
+                WhiteningCallback, "whiten", subclass_mode=True, required=False
+            )
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            # LightningCLI reads --ckpt_path right after parsing (for its hyperparameters) and
+            # the Trainer again after converting the model: a bad file ended in a traceback
+            # from torch's zip reader or unpickler. Check it first, with the package's words.
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand, self.config) if subcommand else self.config
+            path = config.get("ckpt_path")
+            if path is None or path in ("last", "hpc", "registry") or "://" in str(path):
+                return
+            from .checkpoint import check_checkpoint_file
+
+            try:
+                check_checkpoint_file(path)
+            except (ValueError, FileNotFoundError) as err:
+                _fail(str(err))
 
         def instantiate_classes(self) -> None:
             # Constructors validate their arguments (layer names and options, learning rate,
@@ -119,8 +305,37 @@ def _cli_class():
             try:
                 super().instantiate_classes()
             except (ValueError, TypeError, FileNotFoundError) as err:
-                print(f"lightning-whiten: error: {_user_message(err)}", file=sys.stderr)
-                sys.exit(2)
+                _fail(_user_message(err))
+            config = self.config.get(str(self.subcommand), self.config)
+            if config.get("ckpt_path") is not None:
+                # a resumed fit: the run that wrote the checkpoint printed the table
+                for callback in self.trainer.callbacks:
+                    if isinstance(callback, WhiteningCallback) and callback.log_report is True:
+                        callback.log_report = "summary"
+
+        def instantiate_trainer(self, **kwargs):
+            extra = [
+                self._get(self.config_init, key)
+                for key in self._parser(self.subcommand).callback_keys
+            ]
+            extra = [c for c in extra if c is not None]  # no ``whiten`` section: no conversion
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            listed = trainer_config.get("callbacks") or []
+            listed = listed if isinstance(listed, list) else [listed]
+            if any(isinstance(c, WhiteningCallback) for c in extra) and any(
+                isinstance(c, WhiteningCallback) for c in listed
+            ):
+                _fail(
+                    "WhiteningCallback is configured twice: in the whiten section (or "
+                    "--whiten.* options) and in trainer.callbacks. Keep one: move its "
+                    "init_args to 'whiten:' (then --whiten.layer_options.group_size 8 changes "
+                    "an option), or drop the whiten options and change the callback in "
+                    "trainer.callbacks"
+                )
+            # First in the list, where recipes used to put it: its hooks (conversion at setup,
+            # schedules at batch start) run before those of the monitor or SAM.
+            trainer_config["callbacks"] = [*extra, *listed]
+            return self._instantiate_trainer(trainer_config, [])
 
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
@@ -130,6 +345,12 @@ def _cli_class():
                     print(f"lightning-whiten: checkpoint: {path}")
 
     return WhitenCLI
+
+
+def _fail(message: str) -> None:
+    """One line on stderr and exit status 2 (argparse's status for a usage error)."""
+    print(f"lightning-whiten: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 # jsonargparse wraps a constructor's error in its own; the cause is the user's message.
@@ -166,14 +387,27 @@ def _user_message(err: BaseException) -> str:
 
 
 def run(args: list[str] | None = None):
-    """Run the CLI and return it (for tests and scripts; ``args`` default to ``sys.argv``)."""
+    """Run the CLI and return it (for tests and scripts; ``args`` default to ``sys.argv``).
+
+    A ``--config`` naming a bundled recipe (``--config quickstart``) is resolved to its file.
+    """
     # Imported so that their classes resolve by short name in configs and on the command line.
     from . import callbacks as _callbacks  # noqa: F401
     from .data import ImageDataModule
     from .models import ImageClassifier
 
+    try:
+        if args is None:
+            sys.argv[1:] = resolve_config_args(sys.argv[1:])
+        else:
+            args = resolve_config_args(list(args))
+    except RecipeError as err:
+        _fail(str(err))
+    _refuse_callback_list_options(sys.argv[1:] if args is None else args)
     parser_kwargs = {"description": DESCRIPTION}
-    parser_kwargs.update({name: {"description": text} for name, text in SUBCOMMANDS.items()})
+    parser_kwargs.update(
+        {name: {"description": text} for name, text in SUBCOMMANDS.items() if name != "recipes"}
+    )
     return _cli_class()(
         ImageClassifier,
         ImageDataModule,
@@ -186,16 +420,71 @@ def run(args: list[str] | None = None):
     )
 
 
+def _refuse_callback_list_options(args: list[str]) -> None:
+    """``--trainer.callbacks.init_args.layer_options ...`` sets the *last* callback of the list
+    (jsonargparse's rule), never WhiteningCallback's options: say what to write instead of
+    jsonargparse's long error about the wrong callback."""
+    import inspect
+
+    from .callbacks import (
+        NormalizationAnalysis,
+        NormSAMCallback,
+        WhiteningCallback,
+        WhiteningMonitor,
+    )
+
+    def parameters(cls) -> set[str]:
+        return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+    own = parameters(WhiteningCallback) - set().union(
+        *(parameters(c) for c in (WhiteningMonitor, NormSAMCallback, NormalizationAnalysis))
+    )
+    for arg in args:
+        match = re.match(r"--trainer\.callbacks\.init_args\.(\w+)", arg)
+        if match and match.group(1) in own:
+            option = arg.split("=", 1)[0].removeprefix("--trainer.callbacks.init_args.")
+            _fail(
+                f"{arg.split('=', 1)[0]} would set the last callback in trainer.callbacks, not "
+                f"WhiteningCallback: write --whiten.{option}, with the callback in the "
+                "config's whiten section (whiten: {layer: iternorm, layer_options: {...}}), "
+                "as in the bundled recipes"
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-whiten`` and ``python -m lightning_whiten``.
 
     Returns nothing: the console-script wrapper passes the return value to ``sys.exit``.
+    Output piped into a reader that stops early (``lightning-whiten --help | head -1``) ends
+    the command quietly, without a BrokenPipeError traceback.
     """
+    try:
+        try:
+            _main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader has gone: point stdout at devnull so the interpreter's final flush does
+        # not fail again, and exit as Python does on EPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help"):
         print(fast_help())
         if not args:
             sys.exit(2)
+        return
+    if args[0] == "recipes":
+        try:
+            recipes_command(args[1:])
+        except BrokenPipeError:
+            raise
+        except (RecipeError, OSError) as err:
+            _fail(str(err))
         return
     _quiet()
     run(argv)  # None: LightningCLI reads sys.argv itself

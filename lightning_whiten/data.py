@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .adversarial import InputSpace
@@ -46,6 +47,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        #: A held-out test split, where the data has one; ``None``: ``test`` evaluates the
+        #: validation split (and says so).
+        self.test_set: Dataset | None = None
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
@@ -67,6 +71,12 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.test_set is not None:
+            return self._loader(self.test_set, train=False)
+        rank_zero_warn(
+            f"{type(self).__name__} has no separate test split: `test` evaluates the validation "
+            "split (its test/ metrics are the val/ metrics)"
+        )
         return self._loader(self.val_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
@@ -238,7 +248,8 @@ class _CIFAR(ImageDataModule):
 
         val = T.Compose([T.ToTensor(), T.Normalize(self._mean, self._std)])
         self.train_set = self._dataset(True, transform=self.train_transform())
-        self.val_set = self._dataset(False, transform=val)
+        # CIFAR has no validation split: the test set serves as both (the papers' practice)
+        self.val_set = self.test_set = self._dataset(False, transform=val)
 
     def train_transform(self):
         """Random crop 32 with 4 pixels of padding, horizontal flip, then (``autoaugment``)
@@ -275,22 +286,41 @@ class CIFAR100(_CIFAR):
     _torchvision_name = "CIFAR100"
 
 
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _classes_without_images(folder: Path) -> list[str]:
+    """The class subfolders of ``folder`` in which torchvision's ImageFolder would find no
+    image (it searches them recursively), stopping at each folder's first image."""
+
+    def has_image(path: Path) -> bool:
+        for _, _, files in os.walk(path, followlinks=True):
+            if any(f.lower().endswith(_IMAGE_EXTENSIONS) for f in files):
+                return True
+        return False
+
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not has_image(p))
+
+
 class ImageFolder(ImageDataModule):
-    """ImageNet-style folders: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``.
+    """ImageNet-style folders: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``
+    (and, with ``test_dir``, a labelled test split ``root/<test_dir>/<class>/*.jpg`` that
+    ``test`` evaluates; without it ``test`` evaluates ``val``).
 
     Training: random resized crop to ``image_size`` and horizontal flips; validation: resize to
     ``image_size / 0.875`` and center crop (the standard ImageNet evaluation).
     """
 
     def __init__(self, root: str, image_size: int = 224, train_dir: str = "train", val_dir: str = "val",
-                 batch_size: int = 64, num_workers: int = 4,
-                 pin_memory: bool = False) -> None:  # fmt: skip
+                 batch_size: int = 64, num_workers: int = 4, pin_memory: bool = False,
+                 test_dir: str | None = None) -> None:  # fmt: skip
         super().__init__(batch_size, num_workers, pin_memory)
         self.input_space = InputSpace(IMAGENET_MEAN, IMAGENET_STD)
         self.root = Path(root)
         self.image_size = image_size
-        self.train_dir, self.val_dir = train_dir, val_dir
-        for sub in (train_dir, val_dir):
+        self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
+        splits = (train_dir, val_dir) if test_dir is None else (train_dir, val_dir, test_dir)
+        for sub in splits:
             if not (self.root / sub).is_dir():
                 raise FileNotFoundError(
                     f"ImageFolder: expected a folder {self.root / sub} with one subfolder per class"
@@ -298,6 +328,16 @@ class ImageFolder(ImageDataModule):
         self.num_classes = len([p for p in (self.root / train_dir).iterdir() if p.is_dir()])
         if self.num_classes == 0:
             raise FileNotFoundError(f"ImageFolder: {self.root / train_dir} has no class subfolders")
+        for sub in splits:
+            empty = _classes_without_images(self.root / sub)
+            if empty:
+                shown = ", ".join(empty[:3]) + (
+                    f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+                )
+                raise FileNotFoundError(
+                    f"ImageFolder: {len(empty)} class folder(s) of {self.root / sub} hold no "
+                    f"image ({shown}); images end in {', '.join(_IMAGE_EXTENSIONS)}"
+                )
 
     def setup(self, stage: str | None = None) -> None:
         import torchvision.transforms as T
@@ -315,3 +355,9 @@ class ImageFolder(ImageDataModule):
         self.val_set = TVImageFolder(self.root / self.val_dir, transform=val)
         if self.val_set.classes != self.train_set.classes:
             raise ValueError("ImageFolder: train and val have different class folders")
+        if self.test_dir is not None:
+            self.test_set = TVImageFolder(self.root / self.test_dir, transform=val)
+            if self.test_set.classes != self.train_set.classes:
+                raise ValueError(
+                    f"ImageFolder: train and {self.test_dir} have different class folders"
+                )

@@ -97,17 +97,23 @@ def settings(recipe: str) -> dict[str, Any]:
         **{k: model[k] for k in ("lr", "momentum", "weight_decay", "milestones", "gamma",
                                  "lr_schedule", "label_smoothing")},
     }  # fmt: skip
-    for callback in trainer.get("callbacks", []):
-        if callback["class_path"].endswith("WhiteningCallback"):
-            args = callback.get("init_args", {})
-            options = args.get("layer_options", {})
-            found.update(
-                layer=args.get("layer"), placement=args.get("placement", "all"),
-                insert=list(args.get("insert") or []),
-                tie_whitening_rate_to_lr=args.get("tie_whitening_rate_to_lr"),
-                layer_momentum=options.get("momentum"),
-                **{k: v for k, v in options.items() if k != "momentum"},
-            )  # fmt: skip
+    sections = [config["whiten"]] if config.get("whiten") else []  # the whiten section
+    sections += [  # or the older form, in the trainer's callbacks
+        c.get("init_args", {})
+        for c in trainer.get("callbacks", [])
+        if c["class_path"].endswith("WhiteningCallback")
+    ]
+    for args in sections:
+        if "class_path" in args:
+            args = args.get("init_args", {})
+        options = args.get("layer_options", {})
+        found.update(
+            layer=args.get("layer"), placement=args.get("placement", "all"),
+            insert=list(args.get("insert") or []),
+            tie_whitening_rate_to_lr=args.get("tie_whitening_rate_to_lr"),
+            layer_momentum=options.get("momentum"),
+            **{k: v for k, v in options.items() if k != "momentum"},
+        )  # fmt: skip
     return found
 
 

@@ -201,12 +201,10 @@ def test_quickstart_short_form_reaches_95_percent_with_each_layer(tmp_path, laye
     recipe = yaml.safe_load(
         (Path(__file__).parent.parent / "recipes" / "quickstart.yaml").read_text()
     )
-    whitening = next(
-        c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("WhiteningCallback")
-    )
-    whitening["init_args"]["layer"] = layer
+    whitening = recipe["whiten"]
+    whitening["layer"] = layer
     if layer != "iternorm":  # Newton iterations are IterNorm's own option
-        del whitening["init_args"]["layer_options"]["iterations"]
+        del whitening["layer_options"]["iterations"]
     config = tmp_path / f"quickstart_{layer}.yaml"
     config.write_text(yaml.safe_dump(recipe))
     cli = run([

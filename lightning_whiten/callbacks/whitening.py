@@ -57,7 +57,11 @@ class WhiteningCallback(Callback):
             ``None`` keeps the layer default (``"batch"``: synced whenever
             ``torch.distributed`` runs more than one process).
         log_report: print the conversion report (rank 0) and log its counts as
-            hyperparameters.
+            hyperparameters: ``True`` prints the table when fitting and its one-line title
+            in ``validate``/``test``/``predict`` (the table was printed by the run that
+            trained the model); ``"table"`` or ``"summary"`` always print that; ``False``
+            prints and logs nothing. The ``lightning-whiten`` command also prints only the
+            title when a fit resumes from ``ckpt_path``.
     """
 
     def __init__(
@@ -77,12 +81,17 @@ class WhiteningCallback(Callback):
         schedules: dict[str, Schedule | dict[str, Any] | float] | None = None,
         tie_whitening_rate_to_lr: float | None = None,
         sync: Literal["batch", "none"] | None = None,
-        log_report: bool = True,
+        log_report: bool | Literal["table", "summary"] = True,
     ) -> None:
         super().__init__()
         if sync not in (None, "batch", "none"):
             raise ValueError(
                 f"WhiteningCallback: sync must be 'batch', 'none' or None, got {sync!r}"
+            )
+        if log_report not in (True, False, "table", "summary"):
+            raise ValueError(
+                "WhiteningCallback: log_report must be true, false, 'table' or 'summary', got "
+                f"{log_report!r}"
             )
         if tie_whitening_rate_to_lr is not None and not tie_whitening_rate_to_lr > 0:
             raise ValueError(
@@ -182,7 +191,13 @@ class WhiteningCallback(Callback):
         if trainer.is_global_zero:
             from ..surgery.report import render_table
 
-            print(render_table(self.report.table()), end="")
+            style = self.log_report
+            if style is True:
+                style = "table" if trainer.state.fn == "fit" else "summary"
+            if style == "table":
+                print(render_table(self.report.table()), end="")
+            else:
+                print(self.report.title())
         counts = {f"whiten/{k}": v for k, v in self.report.counts().items()}
         counts["whiten/layer"] = self.report.layer
         for logger in trainer.loggers:

@@ -72,6 +72,7 @@ class Decision:
     also: tuple[str, ...] = ()  # other names of a shared module
     insert: bool = False  # a new layer at this module's input (``spec.insert``)
     drop: bool = False  # removed: it follows a converted convolution (``drop_following_norm``)
+    no_producer: str = ""  # why ``producer`` is None, for the report's producer column
 
 
 @dataclass
@@ -114,7 +115,7 @@ class ConversionPlan:
                 d.channels or 0,
                 _group_sizes(family, d, self.spec),
                 d.notes,
-                None if d.producer is None else str(d.producer),
+                str(d.producer) if d.producer is not None else (d.no_producer or None),
             )
             for d in self.to_replace
         ]
@@ -304,6 +305,19 @@ def _producer(model: nn.Module, c: Candidate, traced: dict[int, TracedInput]) ->
     return Producer(f"{type(conv).__name__} {conv_name}", "module order", (width,) * conv.groups)
 
 
+def _no_producer(c: Candidate, traced: dict[int, TracedInput], outcome: TraceOutcome) -> str:
+    """Why ``c`` has no producer, as the report's producer column says it: export can fold a
+    layer only into the convolution or linear layer whose output is its input."""
+    if outcome.status != "traced":
+        return "unknown: the trace failed (see the title)"
+    t = traced.get(id(c.module))
+    if t is None:
+        return "none: not called on the traced input"
+    if t.segments is None:
+        return "none: not a conv/linear output (export: 1x1 map)"
+    return f"none: {t.problem or 'channels differ from the producer'} (export: 1x1 map)"
+
+
 def _group_cap(requested: int, channels: int, producer: Producer, option: str) -> tuple[int | None, str | None]:  # fmt: skip
     """``(capped size or None, skip reason or None)`` for a layer after a grouped producer."""
     blocks = producer.blocks
@@ -422,9 +436,12 @@ def plan_conversion(
         options: dict[str, Any] = {}
         notes: list[str] = []
         producer = None
+        no_producer = ""
         if reason is None and mixes:
             assert family.group_option is not None
             producer = _producer(model, c, traced)
+            if producer is None:
+                no_producer = _no_producer(c, traced, outcome)
             if producer is not None and len(producer.blocks) > 1:
                 capped, note = _group_cap(requested, channels or requested, producer, family.group_option)  # fmt: skip
                 if capped is None and note is not None:
@@ -454,6 +471,7 @@ def plan_conversion(
                 tuple(notes),
                 producer,
                 tuple(c.names[1:]),
+                no_producer=no_producer,
             )
         )
     decisions += _insertions(model, spec, modules)
