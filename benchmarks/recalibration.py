@@ -127,6 +127,34 @@ def run(layer: str, seed: int, steps: int, size: int, n_values, swa_from: float,
     return row, cost
 
 
+def estimates(layer: str, seed: int, steps: int, size: int, calib_sizes, n: int) -> dict:
+    """IterNorm's two estimates of the eval matrix at several calibration batch sizes (the
+    per-batch covariance is noisier in smaller batches)."""
+    (xt, yt), (xv, yv) = data(size)
+    model = build(layer, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    while step < steps:
+        for xb, yb in batches(xt, yt, 64, gen):
+            model.train()
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+    row = {}
+    for b in calib_sizes:
+        calib = list(batches(xt, yt, b, torch.Generator().manual_seed(seed + 1)))
+        for estimate in ("covariance", "matrix"):
+            m = copy.deepcopy(model)
+            lw.recalibrate(m, calib, num_batches=n * 64 // b, whitening_estimate=estimate)
+            row[f"{estimate[:3]} b{b}"] = accuracy(m, xv, yv)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=100)
@@ -136,9 +164,27 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[5, 20, 50])
     parser.add_argument("--swa-from", type=float, default=0.75)
     parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument(
+        "--estimates",
+        type=int,
+        nargs="*",
+        default=None,
+        help="compare IterNorm's covariance/matrix estimates at these calibration "
+        "batch sizes (same number of samples: N * 64) instead",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     header = None
+    if args.estimates:
+        for seed in args.seeds:
+            row = estimates("iternorm", seed, args.steps, args.size, args.estimates, args.n[0])
+            if header is None:
+                header = list(row)
+                print("| layer | seed | " + " | ".join(header) + " |")
+                print("|---" * (len(header) + 2) + "|")
+            cells = " | ".join(f"{row[k]:.3f}" for k in header)
+            print(f"| iternorm | {seed} | {cells} |", flush=True)
+        return
     for layer in args.layers:
         for seed in args.seeds:
             row, cost = run(

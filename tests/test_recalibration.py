@@ -181,9 +181,7 @@ def test_recalibrate_restores_modes_momentum_counters_and_num_batches():
     modes = {name: m.training for name, m in model.named_modules()}
     momenta = {n: m.momentum for n, m in model.named_modules() if hasattr(m, "momentum")}
     rate = model[7].whitening_rate
-    counters = {
-        n: b.clone() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")
-    }
+    counters = {n: b.clone() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")}
     window = (model[11]._window.pending, model[11]._window.calls)
     dropout_modes = []
     model[14].register_forward_pre_hook(lambda m, a: dropout_modes.append(m.training))
@@ -241,7 +239,9 @@ def test_no_usable_batch_leaves_the_statistics_and_says_so():
     model = norm_zoo()
     before = copy.deepcopy(model.state_dict())
     with pytest.warns(RuntimeWarning, match="left as it was"):
-        report = lw.recalibrate(model, [torch.full((4, 3, 8, 8), float("nan"), dtype=torch.float64)])
+        report = lw.recalibrate(
+            model, [torch.full((4, 3, 8, 8), float("nan"), dtype=torch.float64)]
+        )
     assert "1" in report.unchanged
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) or not value.is_floating_point(), key
@@ -311,6 +311,7 @@ class DigitsModule(pl.LightningModule):
             timm_ema = pytest.importorskip("timm.utils.model_ema")
             self.ema = timm_ema.ModelEmaV3(self.net, decay=0.9)  # made before the conversion
         self.val_accuracy: list[float] = []
+        self._correct = self._seen = 0
 
     def forward(self, x):
         return self.net(x)
@@ -325,7 +326,12 @@ class DigitsModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_accuracy.append(float((self(x).argmax(1) == y).float().mean()))
+        self._correct += int((self(x).argmax(1) == y).sum())
+        self._seen += len(y)
+
+    def on_validation_epoch_end(self):
+        self.val_accuracy.append(self._correct / self._seen)
+        self._correct = self._seen = 0
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
@@ -369,7 +375,9 @@ def assert_statistics_fit_the_weights(model: nn.Module, batches) -> None:
 
 
 def whiten(**options):
-    return lw.WhiteningCallback(layer="iternorm", layer_options={"group_size": 8}, log_report=False, **options)
+    return lw.WhiteningCallback(
+        layer="iternorm", layer_options={"group_size": 8}, log_report=False, **options
+    )
 
 
 @pytest.mark.slow
@@ -396,7 +404,6 @@ def test_callback_rejects_a_bad_number_of_batches():
         lw.WhiteningCallback(recalibrate_batches=-1)
 
 
-@pytest.mark.slow
 def test_swa_with_a_fully_converted_model_gets_recalibrated_statistics():
     train, _ = digit_loaders()
     batches = [x for x, _ in train]
@@ -408,7 +415,6 @@ def test_swa_with_a_fully_converted_model_gets_recalibrated_statistics():
     assert_statistics_fit_the_weights(module, batches)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("order", ["ema first", "whitening first"])
 def test_ema_weight_averaging_in_either_order(order):
     from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -427,7 +433,6 @@ def test_ema_weight_averaging_in_either_order(order):
     assert_statistics_fit_the_weights(averaged, batches)
 
 
-@pytest.mark.slow
 def test_timm_model_ema_made_before_conversion_is_converted_and_recalibrated():
     pytest.importorskip("timm")
     train, _ = digit_loaders()
@@ -461,3 +466,57 @@ def test_timm_model_ema_made_after_conversion_recalibrates_in_plain_pytorch():
     lw.recalibrate(ema.module, [xt[i : i + 64] for i in range(0, 640, 64)])
     recalibrated = accuracy(ema.module, xv, yv)
     assert recalibrated > left + 0.02, (left, recalibrated)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: the sums are reduced across processes
+# ------------------------------------------------------------------------------------------------
+def unsynced_zoo() -> nn.Sequential:
+    """Layers whose forward on one rank equals a single process's (no batch sync), so two
+    ranks with two batches each must give one process's estimate over the four batches."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        IterNorm(8, group_size=4, sync="none"),
+        nn.Conv2d(8, 8, 3, padding=1),
+        DBN(8, group_size=4, sync="none"),
+        nn.Conv2d(8, 6, 3, padding=1),
+        LpNorm(6, p=1.0),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+    ).double()
+
+
+def _recalibrate_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        batches = batches_for(count=5)
+        mine = [batches[0], batches[1]] if rank == 0 else [batches[2], batches[3], batches[4]]
+        model = unsynced_zoo()
+        report = lw.recalibrate(model, mine)  # rank 1's third batch is dropped: 2 each
+        torch.save(
+            {"batches": report.batches, "state": model.state_dict()}, f"{result_file}.{rank}"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_reduce_their_sums_to_one_equal_weight_average(tmp_path):
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    init_file = tempfile.mktemp(dir=tmp_path)
+    result = str(tmp_path / "result")
+    mp.spawn(_recalibrate_worker, args=(2, init_file, result), nprocs=2, join=True)
+    expected = unsynced_zoo()
+    lw.recalibrate(expected, batches_for(count=4))
+    for rank in range(2):
+        got = torch.load(f"{result}.{rank}")
+        assert got["batches"] == 2
+        for key, value in expected.state_dict().items():
+            torch.testing.assert_close(got["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
