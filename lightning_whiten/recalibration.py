@@ -48,8 +48,9 @@ class RecalibrationReport:
         layers: qualified names of the layers whose statistics were re-estimated.
         skipped: ``{name: batches}`` kept out of a layer's estimate for non-finite statistics
             (summed over processes).
-        unchanged: layers left as they were: no usable batch, or a family this function does
-            not know (named with the reason).
+        unchanged: layers left as they were, with the reason: no batch reached them (an unused
+            branch: not warned), every batch was non-finite, or a family this function does
+            not know (both warned).
     """
 
     batches: int = 0
@@ -437,9 +438,10 @@ def recalibrate(
         packed = _pack(estimators)
         dist.all_reduce(packed, group=group)
         _unpack(estimators, packed)
+    unreached = "no batch reached it"  # an unused branch (an auxiliary head): not a problem
     for est in estimators:
         if est.sums is None:
-            report.unchanged[est.name] = "no batch reached it"
+            report.unchanged[est.name] = unreached
             continue
         count, bad = float(est.count), int(est.bad)
         if bad:
@@ -452,11 +454,16 @@ def recalibrate(
     for name, conv in convnorms:
         conv.running_autocorr.copy_(_autocorrelation(conv).to(conv.running_autocorr.dtype))
         report.layers.append(name)
-    if report.skipped or report.unchanged:
-        problems = [f"'{n}' left as it was ({why})" for n, why in report.unchanged.items()]
+    if report.skipped or any(why != unreached for why in report.unchanged.values()):
+        problems = [
+            f"'{n}' left as it was ({why})"
+            for n, why in report.unchanged.items()
+            if why != unreached
+        ]
         problems += [
             f"'{n}': {k} batch(es) with non-finite statistics kept out"
             for n, k in report.skipped.items()
+            if n not in report.unchanged
         ]
         warnings.warn("recalibrate: " + "; ".join(problems), RuntimeWarning, stacklevel=3)
     return report

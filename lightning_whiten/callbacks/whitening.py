@@ -62,7 +62,8 @@ class WhiteningCallback(Callback):
             hyperparameters.
         recalibrate_batches: re-estimate every normalization layer's running statistics at the
             current weights (:func:`lightning_whiten.recalibrate`, an equal-weight average)
-            on the last ``recalibrate_batches`` training batches before each validation run
+            on the last ``recalibrate_batches`` training batches of the epoch (fewer when
+            the epoch has not had that many yet) before each validation run
             during ``fit`` and at the end of ``fit`` (after ``StochasticWeightAveraging`` /
             ``EMAWeightAveraging`` put the averaged weights in, whatever the callback order).
             ``0`` turns it off. The batches are the ones the training loop already moved to
@@ -261,6 +262,9 @@ class WhiteningCallback(Callback):
 
     # -- skipped batches -----------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Batches of this epoch only: a run resumed at an epoch boundary recalibrates on the
+        # same batches as the uninterrupted one.
+        self._recent.clear()
         self._skipped_seen = {key: read(pl_module) for key, (_, read) in _SKIP_COUNTERS.items()}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,6 +288,7 @@ class WhiteningCallback(Callback):
                     f"{what} were skipped by the running statistics of {listed}",
                     category=RuntimeWarning,
                 )
+        self._recalibrate_at_epoch_end(trainer, pl_module)
 
     # -- precise statistics ---------------------------------------------------------------------
     def on_train_batch_end(
@@ -310,17 +315,23 @@ class WhiteningCallback(Callback):
             self._validation_pending = False
             self.recalibrate(trainer, pl_module)
 
+    def _recalibrate_at_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before ModelCheckpoint's epoch-end save (Lightning runs checkpoint callbacks last),
+        # when no validation run has recalibrated at these weights: a checkpoint then holds the
+        # statistics the module ends with.
+        if self.recalibrate_batches and self._recalibrated_at != trainer.global_step:
+            self.recalibrate(trainer, pl_module)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_fit_end follows every callback's on_train_end, where StochasticWeightAveraging
         # and EMAWeightAveraging copy their averaged weights into the module.
-        if self.recalibrate_batches and self._recent:
-            self.recalibrate(trainer, pl_module, force=True)
+        averaging = _weight_averaging_callbacks(trainer)
+        if self.recalibrate_batches and (averaging or self._recalibrated_at != trainer.global_step):
+            self.recalibrate(trainer, pl_module)
             _share_statistics_with_averages(trainer, pl_module)
         self._recent.clear()
 
-    def recalibrate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False
-    ) -> Any:
+    def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Re-estimate the running statistics of ``pl_module`` (and of any timm ``ModelEma*``
         or torch ``AveragedModel`` inside it) on the last training batches kept.
 
