@@ -516,3 +516,45 @@ def test_two_ranks_reduce_their_sums_to_one_equal_weight_average(tmp_path):
         assert got["batches"] == 2
         for key, value in expected.state_dict().items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+class DictBatches(DigitsModule):
+    """Dict batches and no forward: the network runs in training_step only."""
+
+    forward = pl.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch["image"]), batch["label"])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+class DictLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return ({"image": x, "label": y} for x, y in self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def test_callback_uses_recalibration_step_and_says_when_it_cannot_recalibrate():
+    class WithStep(DictBatches):
+        def recalibration_step(self, batch):
+            return self.net(batch["image"])
+
+    train, _ = digit_loaders()
+    trainer_options = {"max_epochs": 1, "accelerator": "cpu", "logger": False}
+    trainer_options.update(enable_checkpointing=False, enable_progress_bar=False)
+    module = WithStep()
+    pl.Trainer(**trainer_options, callbacks=[whiten()]).fit(module, DictLoader(train))
+    assert_statistics_fit_the_weights(module.net, [x for x, _ in train])
+
+    module = DictBatches()
+    callback = whiten()
+    with pytest.warns(UserWarning, match="neither forward nor recalibration_step"):
+        pl.Trainer(**trainer_options, callbacks=[callback]).fit(module, DictLoader(train))
+    assert callback.recalibrate_batches == 0
