@@ -86,6 +86,9 @@ class _Estimator:
 
     def __init__(self, layer: nn.Module, name: str) -> None:
         self.layer, self.name = layer, name
+        #: Process group of a layer that synchronizes its batch statistics (``sync="batch"``):
+        #: its per-batch statistics are those of the global batch, as in training.
+        self.group: Any = None
         self.sums: list[Tensor] | None = None
         self.count: Tensor | None = None
         self.bad: Tensor | None = None
@@ -127,6 +130,15 @@ class _BatchNormEstimator(_Estimator):
 class _SWBNEstimator(_BatchNormEstimator):
     """As BatchNorm; the whitening matrix ``W`` (learned online, used in training too) is kept."""
 
+    def statistics(self, x):
+        if self.group is None:
+            return super().statistics(x)
+        layer = self.layer
+        layout = group_layout(layer.num_features, layer.group_size)
+        n, mean, cov = batch_statistics(_float(x), layout, self.group)
+        var = cov.diagonal(dim1=-2, dim2=-1).reshape(-1)[: layer.num_features]
+        return [mean, var * (n / (n - 1))]
+
 
 class _LpEstimator(_Estimator):
     """``running_mean = avg mu_b``, ``running_moment = avg (n/(n-1))^(p/2) mean|x - mu_b|^p``."""
@@ -155,7 +167,7 @@ class _WhiteningEstimator(_Estimator):
     def statistics(self, x):
         layer = self.layer
         layout = group_layout(layer.num_features, layer.group_size)
-        n, mean, cov = batch_statistics(_float(x), layout, None)
+        n, mean, cov = batch_statistics(_float(x), layout, self.group)
         unbiased = canonicalize(cov * (n / (n - 1)), layer.group_mask)
         if self.estimate == "matrix":
             fn = layer._matrix_map()
@@ -358,7 +370,10 @@ def recalibrate(
 
     Distributed: when ``torch.distributed`` is initialized with more than one process (and
     ``sync``), the per-layer sums are all-reduced once at the end, so every process gets the
-    equal-weight average over all processes' batches; the processes agree before each batch
+    equal-weight average over all processes' batches. A whitening layer with ``sync="batch"``
+    measures each batch's statistics over the global batch (one more collective per layer and
+    batch), as it normalizes in training, so several processes give what one process with the
+    concatenated batches gives; the processes agree before each batch
     that all of them have one (whitening layers synchronize their batch statistics inside the
     forward), so uneven iterables stop at the shortest. Every process must call this.
 
@@ -401,6 +416,10 @@ def recalibrate(
         if isinstance(module, ConvNorm2d) and module.running_autocorr is not None:
             convnorms.append((name, module))
     group = resolve_process_group("batch" if sync else "none", process_group)
+    if sync:
+        for est in estimators:
+            if isinstance(est.layer, WhiteningNorm):
+                est.group = resolve_process_group(est.layer.sync, est.layer.process_group)
     modes = {m: m.training for m in model.modules()}
     layers = [e.layer for e in estimators] + [c for _, c in convnorms]
     saved = {id(layer): _snapshot(layer) for layer in layers}

@@ -483,6 +483,19 @@ def unsynced_zoo() -> nn.Sequential:
     ).double()
 
 
+def synced_zoo() -> nn.Sequential:
+    """Whitening layers that synchronize their batch statistics (the default ``sync``)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        IterNorm(8, group_size=4),
+        nn.Conv2d(8, 8, 3, padding=1),
+        DBN(8, group_size=4),
+        nn.Conv2d(8, 6, 3, padding=1),
+        SWBN(6, group_size=4),
+    ).double()
+
+
 def _recalibrate_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
     import torch.distributed as dist
 
@@ -492,8 +505,11 @@ def _recalibrate_worker(rank: int, world: int, init_file: str, result_file: str)
         mine = [batches[0], batches[1]] if rank == 0 else [batches[2], batches[3], batches[4]]
         model = unsynced_zoo()
         report = lw.recalibrate(model, mine)  # rank 1's third batch is dropped: 2 each
+        synced = synced_zoo()
+        lw.recalibrate(synced, [b[rank::2] for b in batches[:3]])  # half of each batch
         torch.save(
-            {"batches": report.batches, "state": model.state_dict()}, f"{result_file}.{rank}"
+            {"batches": report.batches, "state": model.state_dict(), "synced": synced.state_dict()},
+            f"{result_file}.{rank}",
         )
     finally:
         dist.destroy_process_group()
@@ -511,11 +527,16 @@ def test_two_ranks_reduce_their_sums_to_one_equal_weight_average(tmp_path):
     mp.spawn(_recalibrate_worker, args=(2, init_file, result), nprocs=2, join=True)
     expected = unsynced_zoo()
     lw.recalibrate(expected, batches_for(count=4))
+    # synced layers: two halves of each batch on two ranks = one process with the whole batch
+    synced = synced_zoo()
+    lw.recalibrate(synced, batches_for(count=5)[:3])
     for rank in range(2):
         got = torch.load(f"{result}.{rank}")
         assert got["batches"] == 2
         for key, value in expected.state_dict().items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+        for key, value in synced.state_dict().items():
+            torch.testing.assert_close(got["synced"][key], value, rtol=1e-9, atol=1e-11, msg=key)
 
 
 class DictBatches(DigitsModule):
