@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "export": "surgery",
     "plan_conversion": "surgery",
     "load_converted": "checkpoint",
+    "recalibrate": "recalibration",
     "WhiteningCallback": "callbacks",
     "WhiteningMonitor": "callbacks",
     "NormalizationAnalysis": "callbacks",
@@ -52,6 +53,7 @@ _SUBMODULES = (
     "functional",
     "layers",
     "models",
+    "recalibration",
     "registry",
     "sam",
     "schedules",
@@ -87,6 +89,8 @@ __all__ = [
     "functional",
     "load_converted",
     "plan_conversion",
+    "recalibrate",
+    "recalibration",
     "register_family",
     "registry",
     "sam",
@@ -110,7 +114,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
-    from . import adversarial, diagnostics, functional, registry, sam, schedules, surgery
+    from . import (
+        adversarial,
+        diagnostics,
+        functional,
+        recalibration,
+        registry,
+        sam,
+        schedules,
+        surgery,
+    )
     from .callbacks import (
         NormalizationAnalysis,
         NormSAMCallback,
@@ -131,6 +144,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
         WhiteningNorm,
     )
     from .models import ImageClassifier
+    from .recalibration import recalibrate
     from .registry import NormFamily, register_family
     from .sam import NormSAM
     from .surgery import (
