@@ -36,6 +36,9 @@ _EXPORTS: dict[str, str] = {
     "export": "surgery",
     "plan_conversion": "surgery",
     "load_converted": "checkpoint",
+    "restore_conversion": "checkpoint",
+    "WhitenedModuleMixin": "checkpoint",
+    "convert_in_configure_model": "callbacks",
     "WhiteningCallback": "callbacks",
     "WhiteningMonitor": "callbacks",
     "NormalizationAnalysis": "callbacks",
@@ -79,9 +82,11 @@ __all__ = [
     "WhiteningCallback",
     "WhiteningMonitor",
     "WhiteningNorm",
+    "WhitenedModuleMixin",
     "__version__",
     "adversarial",
     "convert",
+    "convert_in_configure_model",
     "diagnostics",
     "export",
     "functional",
@@ -89,6 +94,7 @@ __all__ = [
     "plan_conversion",
     "register_family",
     "registry",
+    "restore_conversion",
     "sam",
     "schedules",
     "surgery",
@@ -117,7 +123,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
         WhiteningCallback,
         WhiteningMonitor,
     )
-    from .checkpoint import load_converted
+    from .callbacks import convert_in_configure_model
+    from .checkpoint import WhitenedModuleMixin, load_converted, restore_conversion
     from .layers import (
         DBN,
         SWBN,
