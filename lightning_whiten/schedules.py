@@ -355,6 +355,10 @@ class LayerScheduler:
                         raise ValueError(
                             f"schedule {key!r} reaches the value {value!r}: {err}"
                         ) from None
+            # The probes were shallow copies: a layer that mirrors an attribute into a buffer
+            # (WhiteningNorm's momentum) shares that buffer with them; set the values back.
+            for _, m in targets:
+                setattr(m, attribute, getattr(m, attribute))
             self._targets[key] = targets
         return self
 
