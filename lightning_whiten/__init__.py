@@ -79,10 +79,10 @@ __all__ = [
     "NormalizationAnalysis",
     "SWBNAct",
     "StreamingNorm",
+    "WhitenedModuleMixin",
     "WhiteningCallback",
     "WhiteningMonitor",
     "WhiteningNorm",
-    "WhitenedModuleMixin",
     "__version__",
     "adversarial",
     "convert",
@@ -122,8 +122,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
         NormSAMCallback,
         WhiteningCallback,
         WhiteningMonitor,
+        convert_in_configure_model,
     )
-    from .callbacks import convert_in_configure_model
     from .checkpoint import WhitenedModuleMixin, load_converted, restore_conversion
     from .layers import (
         DBN,

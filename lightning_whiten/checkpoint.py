@@ -16,6 +16,7 @@ from .surgery import ConversionSpec, convert
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "WhitenedModuleMixin",
     "apply_layer_attributes",
     "check_resume",
     "conversion_spec",
@@ -24,7 +25,6 @@ __all__ = [
     "load_converted",
     "restore_conversion",
     "unconverted_layers",
-    "WhitenedModuleMixin",
 ]
 
 #: Key under which ``WhiteningCallback`` stores the conversion in a Lightning checkpoint.
@@ -237,7 +237,9 @@ def unconverted_layers(module: nn.Module, checkpoint: dict[str, Any]) -> list[st
         return []
     report = entry.get("report") if isinstance(entry.get("report"), dict) else {}
     expected = {r["name"]: r.get("new_type", "?") for r in report.get("replaced", [])}
-    expected.update({f"{r['name']}.norm": r.get("new_type", "?") for r in report.get("inserted", [])})
+    expected.update(
+        {f"{r['name']}.norm": r.get("new_type", "?") for r in report.get("inserted", [])}
+    )
     if not report:  # no report: every layer whose attributes were recorded
         layer = str((entry.get("spec") or {}).get("layer", "?")).rsplit(".", 1)[-1]
         expected = dict.fromkeys(dict(entry.get("attributes") or {}), layer)
@@ -271,7 +273,9 @@ def restore_conversion(
     entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(entry, dict) or "spec" not in entry:
         return False
-    if not unconverted_layers(module, checkpoint) and (entry.get("report") or entry.get("attributes")):
+    if not unconverted_layers(module, checkpoint) and (
+        entry.get("report") or entry.get("attributes")
+    ):
         return False
     convert(module, conversion_spec(checkpoint, trusted=trust))
     apply_layer_attributes(module, entry.get("attributes", {}), trusted=trust)

@@ -149,8 +149,9 @@ class StateDump(pl.Callback):
             state[key] = value.detach().cpu().clone()
         types = {name: type(m).__name__ for name, m in pl_module.named_modules() if name}
         sharded = sorted(
-            name for name, p in pl_module.named_parameters() if type(p).__name__ == "DTensor"
-            or type(getattr(p, "data", None)).__name__ == "DTensor"
+            name
+            for name, p in pl_module.named_parameters()
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
         )
         torch.save(
             {"state": state, "types": types, "sharded": sharded},
