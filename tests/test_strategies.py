@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import ShardedClassifier, StateDump, TinyClassifier, loader
+from lightning_helpers import ShardedClassifier, StateDump, TinyClassifier, loader, make_data
+from torch.utils.data import DataLoader
 
 import lightning_whiten as lw
 from lightning_whiten.schedules import Linear
@@ -184,3 +185,33 @@ def test_schedules_change_only_between_optimizer_steps_under_accumulation(tmp_pa
     assert len(seen) == 8
     assert all(seen[i] == seen[i + 1] for i in range(0, 8, 2)), seen  # within one step
     assert seen[::2] == [round(0.4 - 0.1 * k, 6) for k in range(4)], seen  # one per step
+
+
+# -- tuner trials ------------------------------------------------------------------------------------
+class TunableTiny(TinyClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.batch_size = 4
+
+    def train_dataloader(self):
+        return DataLoader(make_data(64), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(make_data(16), batch_size=8)
+
+
+def test_batch_size_finder_trials_run_at_the_schedules_start_value(tmp_path):
+    # Before: the trials ran before any training batch had applied the schedules, at the
+    # layer's constructor value (momentum 0.9 here, while training starts at 0.3).
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    seed_everything(0)
+    model = TunableTiny()
+    whiten = lw.WhiteningCallback(
+        "iternorm", layer_options={**OPTIONS, "momentum": 0.9}, exclude="aux", log_report=False,
+        schedules={"momentum": Linear(0.3, 0.1, stop=100, unit="step")},
+    )  # fmt: skip
+    finder = BatchSizeFinder(max_trials=2, steps_per_trial=1)
+    trainer(tmp_path, [whiten, finder], max_steps=1).fit(model)
+    seen = [round(s["momentum"], 6) for s in model.seen]
+    assert len(seen) == 3 and seen == [0.3] * 3, seen  # 2 trials, then the first step
