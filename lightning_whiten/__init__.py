@@ -37,6 +37,9 @@ _EXPORTS: dict[str, str] = {
     "plan_conversion": "surgery",
     "load_converted": "checkpoint",
     "recalibrate": "recalibration",
+    "restore_conversion": "checkpoint",
+    "WhitenedModuleMixin": "checkpoint",
+    "convert_in_configure_model": "callbacks",
     "WhiteningCallback": "callbacks",
     "WhiteningMonitor": "callbacks",
     "NormalizationAnalysis": "callbacks",
@@ -78,12 +81,14 @@ __all__ = [
     "NormalizationAnalysis",
     "SWBNAct",
     "StreamingNorm",
+    "WhitenedModuleMixin",
     "WhiteningCallback",
     "WhiteningMonitor",
     "WhiteningNorm",
     "__version__",
     "adversarial",
     "convert",
+    "convert_in_configure_model",
     "diagnostics",
     "export",
     "functional",
@@ -93,6 +98,7 @@ __all__ = [
     "recalibration",
     "register_family",
     "registry",
+    "restore_conversion",
     "sam",
     "schedules",
     "surgery",
@@ -129,8 +135,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, statically
         NormSAMCallback,
         WhiteningCallback,
         WhiteningMonitor,
+        convert_in_configure_model,
     )
-    from .checkpoint import load_converted
+    from .checkpoint import WhitenedModuleMixin, load_converted, restore_conversion
     from .layers import (
         DBN,
         SWBN,

@@ -17,6 +17,7 @@ from .surgery import ConversionSpec, convert
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "WhitenedModuleMixin",
     "apply_layer_attributes",
     "check_checkpoint_file",
     "check_resume",
@@ -24,6 +25,8 @@ __all__ = [
     "layer_attributes",
     "load_checkpoint",
     "load_converted",
+    "restore_conversion",
+    "unconverted_layers",
 ]
 
 #: Key under which ``WhiteningCallback`` stores the conversion in a Lightning checkpoint.
@@ -254,3 +257,76 @@ def load_converted(
     apply_layer_attributes(module, checkpoint[CHECKPOINT_KEY].get("attributes", {}), trusted=trust)
     module.load_state_dict(checkpoint.get("state_dict", checkpoint), strict=strict)
     return module.eval()
+
+
+def unconverted_layers(module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
+    """Names of the layers a converted ``checkpoint`` holds as whitening (or other converted)
+    layers that ``module`` does not: ``"net.1 (IterNorm, here BatchNorm2d)"``. Empty for a
+    checkpoint without a conversion or a module converted as it was."""
+    entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(entry, dict):
+        return []
+    report = entry.get("report") if isinstance(entry.get("report"), dict) else {}
+    expected = {r["name"]: r.get("new_type", "?") for r in report.get("replaced", [])}
+    expected.update(
+        {f"{r['name']}.norm": r.get("new_type", "?") for r in report.get("inserted", [])}
+    )
+    if not report:  # no report: every layer whose attributes were recorded
+        layer = str((entry.get("spec") or {}).get("layer", "?")).rsplit(".", 1)[-1]
+        expected = dict.fromkeys(dict(entry.get("attributes") or {}), layer)
+    out = []
+    for name, new_type in expected.items():
+        try:
+            found = module.get_submodule(name)
+        except AttributeError:
+            out.append(f"{name} ({new_type}, missing here)")
+            continue
+        if family_of(found) is None:
+            out.append(f"{name} ({new_type}, here {type(found).__name__})")
+    return out
+
+
+def restore_conversion(
+    module: nn.Module, checkpoint: dict[str, Any], *, trust: bool = False
+) -> bool:
+    """Convert ``module`` as the model that wrote ``checkpoint`` was, before its state dict
+    is loaded: the :class:`~lightning_whiten.surgery.ConversionSpec` stored by
+    ``WhiteningCallback`` is redone and the layer attributes schedules had reached are set back
+    (as :func:`load_converted` does). What :class:`WhitenedModuleMixin` runs in
+    ``on_load_checkpoint``.
+
+    Does nothing (returns ``False``) for a checkpoint without a conversion, or when ``module``
+    already holds the converted layers (a resumed run, where the callback converted at setup).
+
+    Returns:
+        Whether ``module`` was converted.
+    """
+    entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(entry, dict) or "spec" not in entry:
+        return False
+    if not unconverted_layers(module, checkpoint) and (
+        entry.get("report") or entry.get("attributes")
+    ):
+        return False
+    convert(module, conversion_spec(checkpoint, trusted=trust))
+    apply_layer_attributes(module, entry.get("attributes", {}), trusted=trust)
+    return True
+
+
+class WhitenedModuleMixin:
+    """Makes ``MyModule.load_from_checkpoint(path)`` rebuild the converted layers of a
+    checkpoint written with ``WhiteningCallback``: one line in the LightningModule,
+    ``class MyModule(lw.WhitenedModuleMixin, pl.LightningModule)`` (the mixin first).
+
+    Its ``on_load_checkpoint`` converts the freshly built module from the conversion stored in
+    the checkpoint (:func:`restore_conversion`) before Lightning loads the state dict, then calls
+    the next ``on_load_checkpoint``; a module that overrides the hook calls ``super()`` in it.
+    When resuming a run (``trainer.fit(ckpt_path=...)`` with the callback) the module is
+    already converted and the hook changes nothing.
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_conversion(self, checkpoint)  # type: ignore[arg-type]
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if callable(parent):
+            parent(checkpoint)

@@ -355,6 +355,10 @@ class LayerScheduler:
                         raise ValueError(
                             f"schedule {key!r} reaches the value {value!r}: {err}"
                         ) from None
+            # The probes were shallow copies: a layer that mirrors an attribute into a buffer
+            # (WhiteningNorm's momentum) shares that buffer with them; set the values back.
+            for _, m in targets:
+                setattr(m, attribute, getattr(m, attribute))
             self._targets[key] = targets
         return self
 
@@ -378,15 +382,16 @@ class LayerScheduler:
             out[key] = value
         return out
 
-    def apply(self, times: dict[str, float]) -> dict[str, float]:
-        """Set every scheduled attribute for ``times``; returns the values that changed."""
+    def apply(self, times: dict[str, float], record: bool = True) -> dict[str, float]:
+        """Set every scheduled attribute for ``times``; returns the values that changed
+        (with ``record=False``: sets them without recording them as ``current``)."""
         changed = {}
         for key, value in self.values(times).items():
             attribute, _ = self.split(key)
             for _, module in self._targets[key]:
                 if getattr(module, attribute) != value:
                     setattr(module, attribute, value)
-            if self.current.get(key) != value:
+            if record and self.current.get(key) != value:
                 changed[key] = value
                 self.current[key] = value
         return changed

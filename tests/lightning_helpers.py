@@ -133,3 +133,56 @@ def fit_readme_yaml(example: str, tmp_path, backbone: str = "cifar/resnetv2_20",
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return run(["fit", "--config", str(path)])
+
+
+class StateDump(pl.Callback):
+    """Writes each rank's full state dict (DTensors gathered) and module types at the end of fit."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        state = {}
+        for key, value in pl_module.state_dict().items():
+            if hasattr(value, "full_tensor"):  # FSDP2: the whole tensor, on every rank
+                value = value.full_tensor()
+            state[key] = value.detach().cpu().clone()
+        types = {name: type(m).__name__ for name, m in pl_module.named_modules() if name}
+        sharded = sorted(
+            name
+            for name, p in pl_module.named_parameters()
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+        )
+        torch.save(
+            {"state": state, "types": types, "sharded": sharded},
+            os.path.join(self.directory, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+class ShardedClassifier(TinyClassifier):
+    """FSDP2 in ``configure_model`` (ModelParallelStrategy): ``fully_shard`` per convolution and
+    on the network. ``build_in="configure_model"`` builds the network there too, converting it
+    first with ``lw.convert_in_configure_model`` when ``convert_first``."""
+
+    def __init__(self, build_in: str = "init", convert_first: bool = True, **kwargs):
+        super().__init__(build_in=build_in, **kwargs)
+        self.convert_first = convert_first
+        self._sharded = False
+
+    def configure_model(self) -> None:
+        if self._sharded:  # idempotent, as Lightning asks
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        import lightning_whiten as lw
+
+        if self.net is None:
+            self.net = build_net(self.hparams.width)
+            if self.convert_first:
+                lw.convert_in_configure_model(self)
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.net:
+            if isinstance(module, nn.Conv2d):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+        self._sharded = True

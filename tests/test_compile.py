@@ -116,3 +116,43 @@ def test_compiled_layer_feeds_an_inplace_relu(name, memory_format):
     torch.testing.assert_close(
         copy[0].weight.grad, eager[0].weight.grad, rtol=1e-3, atol=1e-4 * scale
     )
+
+
+def test_float_schedules_reach_the_compiled_graph_without_recompiling_per_step():
+    # Before: the momentum was read as a Python float, which the compiler specializes on: one
+    # graph per value, the recompile limit, then eager. Now it is a buffer filled in place;
+    # eps and whitening_rate become dynamic after their first change (one recompilation).
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from lightning_whiten.schedules import LayerScheduler, Linear
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3), lw.SWBN(16, group_size=8, whitening_rate=0.01), nn.ReLU(),
+            nn.Conv2d(16, 16, 3), lw.IterNorm(16, group_size=8), nn.ReLU(),
+        )  # fmt: skip
+
+    schedules = {
+        "momentum": Linear(0.5, 0.05, stop=10, unit="step"),
+        "eps": Linear(1e-3, 1e-5, stop=10, unit="step"),
+        "whitening_rate": Linear(0.05, 0.001, stop=10, unit="step"),
+    }
+    eager, model = build(), build()
+    compiled = torch.compile(model, fullgraph=True)
+    runs = [(eager, eager, LayerScheduler(schedules).bind(eager)),
+            (model, compiled, LayerScheduler(schedules).bind(model))]  # fmt: skip
+    counters.clear()
+    graphs = []
+    for step in range(7):
+        x = torch.randn(4, 3, 8, 8)
+        for _, forward, scheduler in runs:
+            scheduler.apply({"step": float(step)})
+            forward(x).square().mean().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[2] <= 2, graphs  # none after the first changes
+    # and the values reached the graph: the running statistics follow the schedule as in eager
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert model[4]._momentum_factor.item() == pytest.approx(0.5 - 0.45 * 6 / 10)

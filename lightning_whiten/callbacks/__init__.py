@@ -3,7 +3,7 @@
 from .analysis import NormalizationAnalysis
 from .monitor import WhiteningMonitor
 from .sam import NormSAMCallback
-from .whitening import CHECKPOINT_KEY, WhiteningCallback
+from .whitening import CHECKPOINT_KEY, WhiteningCallback, convert_in_configure_model
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -11,4 +11,5 @@ __all__ = [
     "NormalizationAnalysis",
     "WhiteningCallback",
     "WhiteningMonitor",
+    "convert_in_configure_model",
 ]

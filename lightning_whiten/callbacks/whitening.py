@@ -15,15 +15,26 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from ..checkpoint import CHECKPOINT_KEY, UNREADABLE, check_resume, layer_attributes, unreadable
+from ..checkpoint import (
+    CHECKPOINT_KEY,
+    UNREADABLE,
+    apply_layer_attributes,
+    check_resume,
+    layer_attributes,
+    unreadable,
+)
 from ..diagnostics import diverged_batches, nonfinite_batches
 from ..layers import SWBN
 from ..layers.base import warns_at_batch
 from ..registry import families, family_of
 from ..schedules import LayerScheduler, Schedule
-from ..surgery import ConversionReport, ConversionSpec, convert
+from ..surgery import ConversionReport, ConversionSpec
+from ._lightning_paths import install as _install_lightning_paths
 
-__all__ = ["CHECKPOINT_KEY", "WhiteningCallback"]
+__all__ = ["CHECKPOINT_KEY", "WhiteningCallback", "convert_in_configure_model"]
+
+# ddp_spawn's main process and load_from_checkpoint, see _lightning_paths.
+_install_lightning_paths()
 
 
 class WhiteningCallback(Callback):
@@ -167,12 +178,36 @@ class WhiteningCallback(Callback):
         if self._converted is pl_module:
             return
         self._check_checkpoints(trainer)
-        _configure_model(trainer, pl_module)
+        if _shards_in_configure_model(trainer):
+            # FSDP2 (ModelParallelStrategy): configure_model calls fully_shard, which registers
+            # the parameters it shards and all-reduces; layers swapped in afterwards would be
+            # neither. Layers that exist already are converted first.
+            self._convert(trainer, pl_module, only_if_found=True)
+        _configure_model(trainer, pl_module)  # it may call convert_in_configure_model
+        if self._converted is not pl_module:
+            self._convert(trainer, pl_module)
+
+    def _convert(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        only_if_found: bool = False,
+        log: bool = True,
+    ) -> None:
+        """Convert ``pl_module`` with the spec, bind the schedules, log the report.
+        ``only_if_found``: only if the spec selects a layer (else leave it for later)."""
+        from ..surgery import plan_conversion
+
         example = getattr(pl_module, "example_input_array", None)
         example = example if isinstance(example, Tensor) else None
         if example is not None:
             example = example.to(pl_module.device)
-        self.report = convert(pl_module, self.spec, example_input=example)
+        plan = plan_conversion(pl_module, self.spec, example)
+        if only_if_found and not (plan.to_replace or plan.to_insert):
+            return
+        if log:
+            rank_zero_info("WhiteningCallback: converting normalization layers")
+        self.report = plan.apply(pl_module)
         self._converted = pl_module
         if stage == "fit":
             _rebuild_averaged_copies(trainer, pl_module, stage)
@@ -183,6 +218,10 @@ class WhiteningCallback(Callback):
                     m.sync = self.sync
         known = {f.layer.__name__: list(f.schedulable) for f in families().values()}
         self.scheduler.bind(pl_module, known_attributes=known)
+        # The schedules' start values from now on, not the constructor's: what runs before the
+        # first training batch (sanity check, BatchSizeFinder/LearningRateFinder trials) sees
+        # the layers as training starts.
+        self.scheduler.apply({"step": 0.0, "epoch": 0.0, "fraction": 0.0}, record=False)
         if self.tie_whitening_rate_to_lr is not None and not any(
             isinstance(m, SWBN) for m in layers
         ):
@@ -190,8 +229,18 @@ class WhiteningCallback(Callback):
                 "WhiteningCallback: tie_whitening_rate_to_lr is set but the model has no SWBN "
                 "layer (layer='swbn')"
             )
-        if self.log_report:
+        if self.log_report and log:
             self._log_report(trainer)
+
+    def convert_main_process(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, attributes: dict[str, Any]
+    ) -> None:
+        """``ddp_spawn``: convert the user's model in the main process after the workers'
+        ``fit``, as the workers did, before their weights are loaded into it; ``attributes``
+        are the layer attributes (schedules' values) the workers ended with."""
+        if self._converted is not pl_module:
+            self._convert(trainer, pl_module, log=False)
+        apply_layer_attributes(pl_module, attributes, trusted=True)
 
     def _check_checkpoints(self, trainer: pl.Trainer) -> None:
         """Make a checkpoint that does not fit the conversion fail with the cause.
@@ -241,7 +290,12 @@ class WhiteningCallback(Callback):
     def _times(self, trainer: pl.Trainer, batch_idx: int) -> dict[str, float]:
         batches = trainer.num_training_batches
         per_epoch = batches if batches and math.isfinite(batches) else None
-        epoch = trainer.current_epoch + (batch_idx / per_epoch if per_epoch else 0.0)
+        # The epoch time at the first micro-batch of this optimizer step: under
+        # accumulate_grad_batches every unit moves between optimizer steps only (the layers'
+        # running statistics still update at every micro-batch, as BatchNorm's do).
+        accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+        first = batch_idx - batch_idx % accumulate
+        epoch = trainer.current_epoch + (first / per_epoch if per_epoch else 0.0)
         total = trainer.estimated_stepping_batches
         fraction = trainer.global_step / total if total and math.isfinite(total) else math.nan
         return {"step": float(trainer.global_step), "epoch": epoch, "fraction": fraction}
@@ -488,7 +542,41 @@ def _configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
             trainer.precision_plugin.module_init_context(),
         ):
             pl_module.configure_model()
-    rank_zero_info("WhiteningCallback: converting normalization layers")
+
+
+def _shards_in_configure_model(trainer: pl.Trainer) -> bool:
+    """Whether the strategy expects ``configure_model`` to shard the model (FSDP2, tensor
+    parallelism): Lightning's ``ModelParallelStrategy``."""
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+    except ImportError:  # pragma: no cover - older Lightning
+        return False
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def convert_in_configure_model(pl_module: pl.LightningModule) -> None:
+    """Convert ``pl_module`` now, with the conversion of the Trainer's ``WhiteningCallback``:
+    for modules that build their layers in ``configure_model`` and shard them there (FSDP2's
+    ``fully_shard`` under ``ModelParallelStrategy``). Call it after building the layers and
+    before sharding::
+
+        def configure_model(self):
+            if self.net is None:
+                self.net = build_net()
+                lw.convert_in_configure_model(self)  # before fully_shard
+                fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    Layers that exist before ``configure_model`` (built in ``__init__``) need nothing: the
+    callback converts them before calling it. Does nothing when the module is already
+    converted, or outside ``trainer.fit``/``validate``/... with a ``WhiteningCallback``.
+    """
+    trainer = getattr(pl_module, "_trainer", None)
+    callback = None
+    if trainer is not None:
+        callback = next((c for c in trainer.callbacks if isinstance(c, WhiteningCallback)), None)
+    if callback is None or callback._converted is pl_module:
+        return
+    callback._convert(trainer, pl_module)
 
 
 #: Per-layer counters of batches kept out of the running statistics, and what they count.

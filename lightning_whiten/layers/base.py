@@ -157,6 +157,15 @@ class WhiteningNorm(Float32Buffers):
         self.group_size = layout.group_size
         #: The ``group_size`` that was asked for (differs when it was clamped).
         self.requested_group_size = group_size
+        # The momentum reaches compiled graphs as a tensor (filled in place when a schedule
+        # moves it), not as a Python float that torch.compile would specialize on and
+        # recompile for at every new value. Not saved: ``momentum`` is the option.
+        self.register_buffer(
+            "_momentum_factor",
+            torch.zeros((), dtype=statistics_dtype(dtype) or torch.get_default_dtype(),
+                        device=device),
+            persistent=False,
+        )  # fmt: skip
         self.eps = float(eps)
         self.momentum = momentum
         self.affine = affine
@@ -402,7 +411,7 @@ class WhiteningNorm(Float32Buffers):
         usable = finite if diverged is None else finite & ~diverged
         if self.track_running_stats:
             self.num_batches_tracked.add_(usable.to(self.num_batches_tracked.dtype))
-        if self.momentum is None:
+        if self._cumulative:
             # Cumulative moving average, as torch's BatchNorm with momentum=None.
             steps = (
                 self.num_batches_tracked
@@ -411,10 +420,7 @@ class WhiteningNorm(Float32Buffers):
             )
             factor = 1.0 / steps.clamp_min(1).to(moments.mean.dtype)
         else:
-            # A fill kernel rather than torch.tensor(): no host-to-device copy (and no sync).
-            factor = torch.full(
-                (), float(self.momentum), dtype=moments.mean.dtype, device=moments.mean.device
-            )
+            factor = self._momentum_factor.to(moments.mean.dtype)
         if self.track_running_stats:
             lerp_(self.running_mean, moments.mean, factor, usable)
         rejected = self._update_state(moments, matrix.detach(), factor, usable)
@@ -511,6 +517,19 @@ class WhiteningNorm(Float32Buffers):
         elif name == "eps":
             check_eps(type(self).__name__, value)
         super().__setattr__(name, value)
+        if name == "momentum":
+            # read by forward instead of momentum itself (no guard on its value)
+            super().__setattr__("_cumulative", value is None)
+            if value is not None:
+                with torch.no_grad():
+                    self._momentum_factor.fill_(float(value))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.momentum is not None:  # exact in the new dtype (a cast rounds it)
+            with torch.no_grad():
+                self._momentum_factor.fill_(float(self.momentum))
+        return self
 
     def extra_repr(self) -> str:
         parts = [

@@ -245,6 +245,16 @@ def _group_sizes(family: NormFamily, d: Decision, spec: ConversionSpec) -> tuple
     return group_layout(d.channels, int(size)).sizes
 
 
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module`` holds a DTensor parameter or buffer (FSDP2, tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
 def _refuse_wrapped(model: nn.Module) -> None:
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     for name, module in model.named_modules():
@@ -416,6 +426,17 @@ def plan_conversion(
     for option in ("include", "exclude", "types"):
         check_patterns_match(list(getattr(spec, option)), candidates, option, model, what)
     stage_map = stage_of(model, candidates) if spec.stages is not None else {}
+    for c in candidates:
+        if _sharded(c.module) and _skip_reason(c, spec, stage_map, what) is None:
+            raise TypeError(
+                f"convert(): '{c.name}' ({type(c.module).__name__}) already holds sharded "
+                "(DTensor) parameters: FSDP2's fully_shard (or tensor parallelism) has registered "
+                "the parameters it shards and reduces, and a new layer's would be neither (the "
+                "processes' copies drift apart). Convert before sharding: WhiteningCallback "
+                "converts layers built in __init__ before configure_model; layers built in "
+                "configure_model need lightning_whiten.convert_in_configure_model(self) (or "
+                "convert) there, before fully_shard."
+            )
 
     mixes = family.group_option is not None and spec.respect_conv_groups
     traced: dict[int, TracedInput] = {}
