@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     args = parser.parse_args()
-    print(f"| model | batch | min samples/channel | max abs param | losses | eval finite | s |")
+    print("| model | batch | min samples/channel | max abs param | losses | eval finite | s |")
     print("|---|---|---|---|---|---|---|")
     for source, name in MODELS:
         for batch in args.batches:

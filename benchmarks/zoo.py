@@ -182,13 +182,17 @@ def run_family(
             lw.export(model, example_input=x)
         except ValueError as err:
             if fam.export in str(err):
-                return Outcome(model_name, family, "refused", f"export ({with_reason})", out.converted)
+                return Outcome(
+                    model_name, family, "refused", f"export ({with_reason})", out.converted
+                )
             raise
         return Outcome(model_name, family, "failed", "export did not refuse")
     exported = lw.export(model, example_input=x)
     out.checks["export"] = _relative(_eval(exported, x), trained)
     if out.checks["export"] > tol:
-        return Outcome(model_name, family, "failed", f"export differs by {out.checks['export']:.3g}")
+        return Outcome(
+            model_name, family, "failed", f"export differs by {out.checks['export']:.3g}"
+        )
     restored = copy.deepcopy(original)
     try:
         restored.load_state_dict(exported.state_dict(), strict=True)
@@ -213,7 +217,7 @@ def run_model(source: str, name: str, size: int, family_names: list[str] | None 
             start = time.perf_counter()
             try:
                 outcome = run_family(original, family, x, name)
-            except Exception as err:  # noqa: BLE001 - a table row, not a crash
+            except Exception as err:
                 message = f"{type(err).__name__}: {err}".splitlines()[0][:120]
                 outcome = Outcome(name, family, "failed", message)
             outcome.seconds = time.perf_counter() - start
@@ -247,7 +251,9 @@ def main() -> None:
         if args.verbose:
             for o in rows:
                 checks = {k: f"{v:.2g}" for k, v in o.checks.items()}
-                print(f"{name:28s} {o.family:10s} {o.seconds:5.1f}s {o.label}  {checks}", flush=True)
+                print(
+                    f"{name:28s} {o.family:10s} {o.seconds:5.1f}s {o.label}  {checks}", flush=True
+                )
             print(f"  {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     print(summary(outcomes))
     print(f"\n{len(outcomes)} cases in {time.perf_counter() - start:.0f} s")
