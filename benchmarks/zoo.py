@@ -26,51 +26,50 @@ import lightning_whiten as lw
 from lightning_whiten.registry import families
 
 # (source, name, input size). Small variants of as many architecture families as fit in a
-# couple of CPU minutes; 32 px unless a model needs more.
+# few CPU minutes; 48 px unless a model needs more (at 32 px the last stage of an ImageNet model
+# is 1x1 and batch 4 gives 4 samples per channel: even plain BatchNorm took EfficientNet-Lite0's
+# gradients to 2700 in one step; at 48-64 px the last stage is 2x2, 16 samples).
 MODELS: list[tuple[str, str, int]] = [
-    ("timm", "test_resnet", 32),
-    ("timm", "test_efficientnet", 32),
-    ("timm", "test_byobnet", 32),
-    ("timm", "resnet10t", 32),
-    ("timm", "resnetv2_18", 32),  # pre-activation
-    ("timm", "mobilenetv2_035", 32),
-    ("timm", "mobilenetv3_small_050", 32),
-    ("timm", "mobilenetv4_conv_small_035", 32),
-    ("timm", "efficientnet_lite0", 32),
-    ("timm", "regnetx_002", 32),
-    ("timm", "regnety_002", 32),
-    ("timm", "rexnet_100", 32),
-    ("timm", "ghostnet_050", 32),
-    ("timm", "repghostnet_050", 32),  # identity-branch BatchNorms
-    ("timm", "lcnet_035", 32),
-    ("timm", "tinynet_e", 32),
-    ("timm", "hardcorenas_a", 32),
-    ("timm", "mixnet_s", 32),  # MixedConv2d: concatenated producers
-    ("timm", "fbnetc_100", 32),
-    ("timm", "mnasnet_small", 32),
-    ("timm", "semnasnet_050", 32),
-    ("timm", "spnasnet_100", 32),
-    ("timm", "ese_vovnet19b_slim_dw", 32),  # concatenations
-    ("timm", "dla46_c", 32),
-    ("timm", "dpn48b", 32),  # pre-activation + concatenations
-    ("timm", "densenet121", 32),  # pre-activation after concatenations
-    ("timm", "repvgg_a0", 32),  # identity-branch BatchNorms
-    ("timm", "mobileone_s0", 32),  # identity-branch BatchNorms
-    ("timm", "gernet_s", 32),
-    ("timm", "cs3darknet_s", 32),
-    ("timm", "efficientvit_b0", 32),
-    ("timm", "resnest14d", 32),  # split attention
-    ("timm", "hrnet_w18_small", 64),  # parallel branches
-    ("timm", "legacy_seresnet18", 32),
-    ("timm", "selecsls42b", 32),
-    ("timm", "fastvit_t8", 64),
-    ("torchvision", "resnet18", 32),
-    ("torchvision", "mobilenet_v3_small", 32),
-    ("torchvision", "shufflenet_v2_x0_5", 32),
-    ("torchvision", "mnasnet0_5", 32),
-    ("torchvision", "regnet_x_400mf", 32),
-    ("torchvision", "efficientnet_b0", 32),
-    ("torchvision", "googlenet", 32),
+    ("timm", "test_resnet", 48),
+    ("timm", "test_efficientnet", 48),
+    ("timm", "test_byobnet", 48),
+    ("timm", "resnet10t", 48),
+    ("timm", "resnetv2_18", 48),  # pre-activation
+    ("timm", "mobilenetv2_035", 48),
+    ("timm", "mobilenetv3_small_050", 48),
+    ("timm", "mobilenetv4_conv_small_035", 48),
+    ("timm", "efficientnet_lite0", 48),
+    ("timm", "regnetx_002", 48),
+    ("timm", "regnety_002", 48),
+    ("timm", "rexnet_100", 48),
+    ("timm", "ghostnet_050", 48),
+    ("timm", "repghostnet_050", 48),  # identity-branch BatchNorms
+    ("timm", "lcnet_035", 48),
+    ("timm", "tinynet_e", 48),
+    ("timm", "hardcorenas_a", 48),
+    ("timm", "mixnet_s", 48),  # MixedConv2d: concatenated producers
+    ("timm", "fbnetc_100", 48),
+    ("timm", "mnasnet_small", 48),
+    ("timm", "semnasnet_050", 48),
+    ("timm", "spnasnet_100", 48),
+    ("timm", "ese_vovnet19b_slim_dw", 48),  # concatenations
+    ("timm", "dla46_c", 48),
+    ("timm", "dpn48b", 48),  # pre-activation + concatenations
+    ("timm", "densenet121", 48),  # pre-activation after concatenations
+    ("timm", "repvgg_a0", 48),  # identity-branch BatchNorms
+    ("timm", "cs3darknet_s", 48),
+    ("timm", "efficientvit_b0", 48),
+    ("timm", "resnest14d", 48),  # split attention
+    ("timm", "fastvit_t8", 64),  # re-parameterizable identity branches
+    ("timm", "efficientvit_m0", 64),  # BatchNorm on attention layers
+    ("timm", "lcnet_050", 48),
+    ("torchvision", "resnet18", 48),
+    ("torchvision", "mobilenet_v3_small", 48),
+    ("torchvision", "shufflenet_v2_x0_5", 48),
+    ("torchvision", "mnasnet0_5", 48),
+    ("torchvision", "regnet_x_400mf", 48),
+    ("torchvision", "efficientnet_b0", 48),
+    ("torchvision", "googlenet", 48),
 ]
 
 #: Training batch: the issue's. At batch 2 and 32 px the last stages see 2 samples per channel
