@@ -6,8 +6,10 @@ for per-channel layers) and ``b = bias - A running_mean``. ``export`` folds
 that map into the convolution or linear layer that produces the layer's input, where that is
 exact, and puts back a normalization module of the original type holding identity statistics,
 so the exported model has the original architecture and its ``state_dict`` loads strictly into
-a freshly created model. Elsewhere it inserts a 1x1 convolution (or linear) with the
-block-diagonal weight, followed by the original activation.
+a freshly created model. Elsewhere a per-channel layer (LpNorm, StreamingNorm) becomes the
+original normalization module holding its eval map (the architecture is kept), and a whitening
+layer a 1x1 convolution (or linear) with the block-diagonal weight, followed by the original
+activation (the architecture changes there). The rules: ``docs/guide/export.md``.
 """
 
 from __future__ import annotations
@@ -426,18 +428,22 @@ def export(
         fold: fold ``A`` and ``b`` into the convolution/linear layer that directly produces the
             whitening layer's input (checked by tracing ``example_input``) and put back a
             normalization module of the original type with identity statistics (timm's
-            ``BatchNormAct2d`` keeps its activation). Layers that cannot be folded (after a
-            pooling or concatenation as in DenseNet, after a depthwise convolution whose groups
-            the whitening groups span, ...) become a 1x1 convolution/linear followed by the
-            original activation; a warning lists them.
-        example_input: a small input batch. Guessed for image models when omitted.
+            ``BatchNormAct2d`` keeps its activation). Per-channel layers that cannot be folded
+            become the original normalization module holding their eval map; whitening layers
+            that cannot be folded (pre-activation BNs, after a concatenation as in DenseNet,
+            identity branches as in RepVGG, ...) become a 1x1 convolution/linear followed by
+            the original activation; a warning lists them.
+        example_input: a small input batch. When omitted: a random batch of the shape
+            ``convert`` traced on (``layer.origin.example_shape``), else guessed for image
+            models; a model that rejects the guess raises a ``ValueError`` asking for one.
         inplace: modify ``model`` itself instead of a deep copy.
         check: verify on ``example_input`` that the exported model's eval output equals the
             whitened model's (raises ``RuntimeError`` otherwise).
 
     Returns:
         The exported model (in the train/eval mode of ``model``). Where every whitening layer
-        was folded and all of them came from :func:`convert`, it has the original architecture.
+        was folded (per-channel layers: always) and all of them came from :func:`convert`, it
+        has the original architecture.
     """
     target = model if inplace else copy.deepcopy(model)
     if not _inserted(target) and not _sites(target):
