@@ -53,7 +53,7 @@ MODELS: list[tuple[str, str, int]] = [
     ("timm", "semnasnet_050", 48),
     ("timm", "spnasnet_100", 48),
     ("timm", "ese_vovnet19b_slim_dw", 48),  # concatenations
-    ("timm", "dla46_c", 48),
+    ("timm", "dla46_c", 64),  # its tree aggregation needs >= 64 px
     ("timm", "dpn48b", 48),  # pre-activation + concatenations
     ("timm", "densenet121", 48),  # pre-activation after concatenations
     ("timm", "repvgg_a0", 48),  # identity-branch BatchNorms
@@ -207,8 +207,8 @@ def run_family(
         restored.load_state_dict(exported.state_dict(), strict=True)
     except RuntimeError:
         out.exported_original = False
-    else:
-        out.exported_original = _relative(_eval(restored, x), trained) <= tol
+    else:  # the same modules and weights: the same output, whatever the rounding
+        out.exported_original = _relative(_eval(restored, x), _eval(exported, x)) <= 1e-6
     return out
 
 
