@@ -161,17 +161,26 @@ class IterNormMap(MatrixMap):
 
 
 class ZCAMap(MatrixMap):
-    """DBN's ``W = U diag(lambda)^-1/2 U^T`` of ``cov + eps I`` (see :func:`zca_matrix`)."""
+    """DBN's ``W = U diag(lambda)^-1/2 U^T`` of ``cov + eps I`` (see :func:`zca_matrix`).
 
-    def __init__(self, eps: float = 1e-5, valid: Tensor | None = None) -> None:
-        self.eps, self.valid = eps, valid
+    ``blocks``, a ``(d, d)`` boolean block-diagonal mask, whitens within sub-groups only:
+    ``W = (cov * blocks + eps I)^-1/2`` is then block-diagonal too (DBN's cap of the group it
+    whitens when a batch has too few samples for the whole group).
+    """
+
+    def __init__(
+        self, eps: float = 1e-5, valid: Tensor | None = None, blocks: Tensor | None = None
+    ) -> None:
+        self.eps, self.valid, self.blocks = eps, valid, blocks
 
     def tensors(self):
-        return (self.valid,)
+        return (self.valid, self.blocks)
 
-    def forward(self, cov, valid=None):
+    def forward(self, cov, valid=None, blocks=None):
         d = cov.shape[-1]
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+        if blocks is not None:
+            cov = cov * blocks.to(cov.dtype)
         sigma = cov + self.eps * eye
         # LAPACK refuses non-finite input; decompose the identity for such groups instead and
         # give them a NaN result, so a bad batch shows in the output (running statistics are
@@ -184,7 +193,7 @@ class ZCAMap(MatrixMap):
         w = torch.where(finite, w, torch.full_like(w, float("nan")))
         return canonicalize(w, valid), (evecs, s)
 
-    def backward(self, saved, grad, valid=None):
+    def backward(self, saved, grad, valid=None, blocks=None):
         evecs, s = saved
         grad = _masked(grad, valid)
         # Daleckii-Krein: dSigma = U (L o U^T dW U) U^T with the divided differences of
@@ -194,7 +203,8 @@ class ZCAMap(MatrixMap):
         lmat = -1.0 / (si * sj * (si + sj))
         inner = evecs.transpose(-1, -2) @ grad @ evecs
         inner = 0.5 * (inner + inner.transpose(-1, -2))
-        return _masked(evecs @ (lmat * inner) @ evecs.transpose(-1, -2), valid)
+        d_sigma = _masked(evecs @ (lmat * inner) @ evecs.transpose(-1, -2), valid)
+        return d_sigma if blocks is None else d_sigma * blocks.to(d_sigma.dtype)
 
 
 class StandardizeMap(MatrixMap):

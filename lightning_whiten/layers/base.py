@@ -224,6 +224,11 @@ class WhiteningNorm(Float32Buffers):
         """The covariance -> whitening matrix map of this method (differentiable, small)."""
         raise NotImplementedError
 
+    def _batch_map(self, samples: int) -> MatrixMap:
+        """The map for one training batch of ``samples`` samples per channel (summed over the
+        processes it is synced across); DBN narrows it when the batch is too small."""
+        return self._matrix_map()
+
     def inference_map(self) -> tuple[Tensor, Tensor]:
         """The eval-time map as ``(matrices (G, d, d), offset (C,))``: eval output is
         ``weight * (A_g (x_g - offset_g)) + bias`` per group (``A`` block-diagonal)."""
@@ -365,7 +370,9 @@ class WhiteningNorm(Float32Buffers):
             if batch_stats:
                 if update and self._warns_rank_deficient and not compiling():
                     self._warn_if_rank_deficient(x, group)
-                result = whiten(xf, self._matrix_map(), self.group_size, weight, bias, group)
+                processes = torch.distributed.get_world_size(group) if group is not None else 1
+                fn = self._batch_map(x.numel() // self.num_features * processes)
+                result = whiten(xf, fn, self.group_size, weight, bias, group)
                 # Only a rank with a one-sample batch reads the global count (no sync else).
                 local_one = group is not None and x.numel() < 2 * self.num_features
                 if local_one and float(result.count) < 2:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, ClassVar
 
@@ -14,7 +13,7 @@ from ..functional._backend import compiling
 from ..functional.lp import check_p
 from ..registry import NormFamily, register_family
 from ._shared import Float32Buffers, check_eps, check_input, check_momentum, read_batchnorm
-from .base import statistics_dtype, warns_at_batch
+from .base import layer_options, statistics_dtype, warns_at_batch
 from .norm_act import NormActMixin
 
 __all__ = ["LpNorm"]
@@ -263,7 +262,9 @@ class PerChannelNorm(Float32Buffers):
 
     @classmethod
     def _default_p(cls) -> float:
-        return inspect.signature(cls.__init__).parameters["p"].default
+        # From the whole constructor chain: a fused counterpart (``LpNormAct``) inherits its
+        # ``__init__`` from NormActMixin, whose own signature is only ``*args, **kwargs``.
+        return layer_options(cls)["p"]
 
 
 class LpNorm(PerChannelNorm):

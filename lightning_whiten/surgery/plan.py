@@ -52,6 +52,7 @@ class TraceOutcome:
 
     status: Literal["traced", "failed", "not needed"]
     detail: str = ""
+    shape: tuple[int, ...] | None = None  # of the input traced on, when it worked
 
     def __str__(self) -> str:
         return self.status + (f": {self.detail}" if self.detail else "")
@@ -185,7 +186,7 @@ class ConversionPlan:
             new = family.create(module, options)
             kind = normalization_kind(module)
             source = NormSource.of(module, kind) if family.targets == "batchnorm" else None
-            new.origin = Origin(d.name, source)  # type: ignore[attr-defined]
+            new.origin = Origin(d.name, source, self.trace.shape)  # type: ignore[attr-defined]
             for name in (d.name, *d.also):
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), attr, new)
@@ -294,7 +295,7 @@ def _trace(
             traced = trace_inputs(model, example, [c.module for c in candidates])
     except Exception as err:  # the forward rejected the guessed input: fall back, and say so
         return {}, TraceOutcome("failed", f"{type(err).__name__}: {err}".splitlines()[0][:200])
-    return traced, TraceOutcome("traced")
+    return traced, TraceOutcome("traced", shape=tuple(example.shape))
 
 
 def _producer(model: nn.Module, c: Candidate, traced: dict[int, TracedInput]) -> Producer | None:

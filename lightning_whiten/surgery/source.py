@@ -61,3 +61,6 @@ class Origin:
 
     name: str
     source: NormSource | None = None
+    #: The shape of the input ``convert`` traced the model on successfully (``None``: not
+    #: traced); ``export`` without ``example_input`` traces a random batch of this shape.
+    example_shape: tuple[int, ...] | None = None
