@@ -168,15 +168,19 @@ def _user_message(err: BaseException) -> str:
 def run(args: list[str] | None = None):
     """Run the CLI and return it (for tests and scripts; ``args`` default to ``sys.argv``)."""
     # Imported so that their classes resolve by short name in configs and on the command line.
+    import lightning.pytorch as pl
+
     from . import callbacks as _callbacks  # noqa: F401
-    from .data import ImageDataModule
-    from .models import ImageClassifier
+    from . import data as _data  # noqa: F401
+    from . import fewshot as _fewshot  # noqa: F401
 
     parser_kwargs = {"description": DESCRIPTION}
     parser_kwargs.update({name: {"description": text} for name, text in SUBCOMMANDS.items()})
+    # Any LightningModule / LightningDataModule (ImageClassifier, ProtoNet, GAN, CharLM and
+    # their datamodules); every one of them takes ``num_classes``, linked from the data.
     return _cli_class()(
-        ImageClassifier,
-        ImageDataModule,
+        pl.LightningModule,
+        pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
