@@ -49,13 +49,16 @@ _SUBMODULES = (
     "cli",
     "data",
     "diagnostics",
+    "fewshot",
     "functional",
     "layers",
     "models",
+    "noise",
     "registry",
     "sam",
     "schedules",
     "surgery",
+    "text",
 )
 
 __all__ = [

@@ -173,6 +173,7 @@ def run(args: list[str] | None = None):
     from . import callbacks as _callbacks  # noqa: F401
     from . import data as _data  # noqa: F401
     from . import fewshot as _fewshot  # noqa: F401
+    from . import text as _text  # noqa: F401
     from .models import gan as _gan  # noqa: F401
 
     parser_kwargs = {"description": DESCRIPTION}
