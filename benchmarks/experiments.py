@@ -63,6 +63,8 @@ def gan(recipe: str, seed: int, include: str | None) -> str:
 def recurrent(recipe: str, norm: str, seed: int) -> str:
     if recipe == "charlm_streaming":
         extra, key = ["--model.init_args.norm", norm], "val/bpc"
+        if norm != "streaming":  # the recipe's options are StreamingNorm's
+            extra += ["--model.init_args.norm_options", "{}"]
     else:
         extra, key = ["--model.init_args.backbone_options", f"{{norm: {norm}}}"], "val/acc1"
     m = _cli(recipe, seed, *extra).trainer.callback_metrics

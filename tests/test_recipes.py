@@ -244,3 +244,16 @@ def test_quickstart_short_form_reaches_95_percent_with_each_layer(tmp_path, laye
     assert accuracy >= 0.95, (layer, accuracy)
     converted = lw.registry.get_family(layer).layer
     assert sum(isinstance(m, converted) for m in cli.model.modules()) == 19
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["layernorm", "none"])
+def test_charlm_recipe_variants_from_the_command_line(norm, tmp_path):
+    # The header's variants: LayerNorm or nothing inside the recurrence (the recipe's
+    # norm_options are StreamingNorm's, so the command clears them).
+    recipe = Path(__file__).parent.parent / "recipes" / "charlm_streaming.yaml"
+    cli = run(["fit", "--config", str(shrink(recipe, tmp_path)), "--trainer.fast_dev_run", "true",
+               "--model.init_args.norm", norm, "--model.init_args.norm_options", "{}"])  # fmt: skip
+    layer = cli.model.net.norm[0]
+    assert isinstance(layer, torch.nn.LayerNorm if norm == "layernorm" else torch.nn.Identity)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
