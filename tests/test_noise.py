@@ -86,3 +86,31 @@ def test_digits_noise_hits_training_labels_only_and_is_saved_with_the_run(tmp_pa
     assert [int(r["noisy"]) for r in rows] == data.noisy_labels.tolist()
     assert [int(r["clean"]) for r in rows] == data.clean_labels.tolist()
     assert len({int(r["index"]) for r in rows}) == len(rows)
+
+
+def test_cifar10_noise_replaces_the_training_targets_with_the_authors_flips(monkeypatch):
+    from lightning_whiten.data import CIFAR10
+
+    class Fake:  # stands in for torchvision's CIFAR10 (no download): only the targets matter
+        def __init__(self, train: bool) -> None:
+            self.targets = list(range(10)) * 5 if train else [0] * 3
+
+    monkeypatch.setattr(CIFAR10, "_dataset", lambda self, train, transform=None: Fake(train))
+    data = CIFAR10(label_noise={"rate": 0.4, "mode": "asymmetric", "seed": 0})
+    data.setup()
+    clean = torch.tensor(list(range(10)) * 5)
+    noisy = torch.tensor(data.train_set.targets)
+    flips = {
+        9: 1,
+        2: 0,
+        3: 5,
+        5: 3,
+        4: 7,
+    }  # truck->automobile, bird->airplane, cat<->dog, deer->horse
+    for c in range(10):
+        members = noisy[torch.eq(clean, c)]
+        expected_flipped = math.ceil(0.4 * 5) if c in flips else 0
+        assert int((members != c).sum()) == expected_flipped
+        if c in flips:
+            assert set(members[members != c].tolist()) == {flips[c]}
+    assert data.val_set.targets == [0] * 3  # the test set stays clean
