@@ -106,7 +106,6 @@ def test_collate_rejects_a_wrong_episode_size():
         collate([(torch.zeros(1), 0)] * 5)
 
 
-@pytest.mark.slow  # ~5 s: a few episodes of training with SWBN, then the CI over test episodes
 def test_protonet_trains_with_converted_bns_and_reports_accuracy_with_ci():
     data = FewShotDigits(image_size=8, n_way=3, k_shot=1, n_query=5, episodes_per_epoch=8,
                          val_episodes=4, test_episodes=10, seed=3)  # fmt: skip

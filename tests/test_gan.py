@@ -58,7 +58,6 @@ def fit(model, tmp_path, callbacks=(), steps=2):
     return trainer
 
 
-@pytest.mark.slow  # a short fit with the feature classifier's training
 @pytest.mark.parametrize("loss", ["hinge", "nonsaturating"])
 def test_both_optimizers_step_and_samples_are_finite(tmp_path, loss):
     torch.manual_seed(0)
@@ -86,7 +85,6 @@ def test_both_optimizers_step_and_samples_are_finite(tmp_path, loss):
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where", ["generator", "discriminator"])
 def test_convnorm_placement_through_the_surgery(tmp_path, where):
     model = tiny_gan()

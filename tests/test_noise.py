@@ -65,7 +65,6 @@ def test_bad_noise_options_name_the_option():
         corrupt_labels(LABELS, 10, 0.2, "asymmetric")
 
 
-@pytest.mark.slow  # one training step through a Trainer
 def test_digits_noise_hits_training_labels_only_and_is_saved_with_the_run(tmp_path):
     data = Digits(image_size=8, batch_size=64, label_noise={"rate": 0.4, "seed": 1})
     model = lw.ImageClassifier("small/mlp", num_classes=10,

@@ -119,7 +119,6 @@ def test_text_file_offline_default_is_a_stdlib_source():
         TextFile(stdlib_module="sys")
 
 
-@pytest.mark.slow  # a few steps of training
 def test_char_lm_trains_and_reports_bits_per_character(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("abcabcabd" * 60)
