@@ -53,14 +53,17 @@ _SUBMODULES = (
     "cli",
     "data",
     "diagnostics",
+    "fewshot",
     "functional",
     "layers",
     "models",
     "recalibration",
+    "noise",
     "registry",
     "sam",
     "schedules",
     "surgery",
+    "text",
 )
 
 __all__ = [

@@ -392,9 +392,13 @@ def run(args: list[str] | None = None):
     A ``--config`` naming a bundled recipe (``--config quickstart``) is resolved to its file.
     """
     # Imported so that their classes resolve by short name in configs and on the command line.
+    import lightning.pytorch as pl
+
     from . import callbacks as _callbacks  # noqa: F401
-    from .data import ImageDataModule
-    from .models import ImageClassifier
+    from . import data as _data  # noqa: F401
+    from . import fewshot as _fewshot  # noqa: F401
+    from . import text as _text  # noqa: F401
+    from .models import gan as _gan  # noqa: F401
 
     try:
         if args is None:
@@ -408,9 +412,11 @@ def run(args: list[str] | None = None):
     parser_kwargs.update(
         {name: {"description": text} for name, text in SUBCOMMANDS.items() if name != "recipes"}
     )
+    # Any LightningModule / LightningDataModule (ImageClassifier, ProtoNet, GAN, CharLM and
+    # their datamodules); every one of them takes ``num_classes``, linked from the data.
     return _cli_class()(
-        ImageClassifier,
-        ImageDataModule,
+        pl.LightningModule,
+        pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

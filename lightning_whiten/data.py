@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -50,6 +50,66 @@ class ImageDataModule(pl.LightningDataModule):
         #: A held-out test split, where the data has one; ``None``: ``test`` evaluates the
         #: validation split (and says so).
         self.test_set: Dataset | None = None
+
+    #: ``{class: noisy class}`` of asymmetric label noise for this dataset (None: none known).
+    asymmetric_map: ClassVar[dict[int, int] | None] = None
+    #: After ``setup`` with ``label_noise``: the training samples' clean and noisy labels.
+    clean_labels: torch.Tensor | None = None
+    noisy_labels: torch.Tensor | None = None
+    #: Where ``setup`` wrote the noisy labels (``noisy_labels.csv`` in the run's log dir).
+    noisy_labels_path: Path | None = None
+
+    def _check_label_noise(self, label_noise: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Validate ``label_noise``: ``{rate, mode, seed, mapping}`` (see :mod:`lightning_whiten.
+        noise`); returns it with defaults filled in."""
+        if not label_noise:
+            return None
+        from .noise import NOISE_MODES
+
+        name = type(self).__name__
+        unknown = sorted(set(label_noise) - {"rate", "mode", "seed", "mapping"})
+        if unknown:
+            raise ValueError(
+                f"{name}: label_noise takes rate, mode, seed and mapping, got {unknown}"
+            )
+        noise = {"mode": "symmetric", "seed": 0, "mapping": None, **label_noise}
+        if "rate" not in label_noise or not 0 <= noise["rate"] <= 1:
+            raise ValueError(
+                f"{name}: label_noise.rate must be in [0, 1], got {noise.get('rate')!r}"
+            )
+        if noise["mode"] not in NOISE_MODES:
+            raise ValueError(
+                f"{name}: label_noise.mode must be one of {NOISE_MODES}, got {noise['mode']!r}"
+            )
+        if noise["mode"] == "asymmetric":
+            mapping = noise["mapping"] or self.asymmetric_map
+            if not mapping:
+                raise ValueError(
+                    f"{name}: asymmetric label noise needs label_noise.mapping ({{class: noisy "
+                    "class}}): this dataset has no standard one"
+                )
+            noise["mapping"] = {int(k): int(v) for k, v in mapping.items()}
+        return noise
+
+    def _noisy(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The training labels with ``self.label_noise`` applied (fixed by its seed), saved to
+        ``noisy_labels.csv`` in the trainer's log dir (its ``default_root_dir`` without a
+        logger) when a trainer runs this datamodule."""
+        noise = getattr(self, "label_noise", None)
+        if not noise:
+            return labels
+        from .noise import corrupt_labels, save_noisy_labels
+
+        noisy = corrupt_labels(labels, self.num_classes, noise["rate"], noise["mode"],
+                               noise["seed"], noise["mapping"])  # fmt: skip
+        self.clean_labels, self.noisy_labels = labels.clone(), noisy
+        trainer = getattr(self, "trainer", None)  # set by the Trainer that runs setup()
+        if trainer is not None and trainer.is_global_zero:
+            folder = trainer.log_dir or trainer.default_root_dir
+            self.noisy_labels_path = save_noisy_labels(
+                Path(folder) / "noisy_labels.csv", indices, labels, noisy
+            )
+        return noisy
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
@@ -112,14 +172,21 @@ class Digits(ImageDataModule):
     The 8x8 grayscale images are resized to ``image_size`` (bilinear) and repeated over 3
     channels; a stratified split holds out ``val_fraction``. Training augmentation: random
     shifts of up to ``image_size // 8`` pixels (no flips: digits are not symmetric).
+
+    ``label_noise`` (e.g. ``{rate: 0.4, mode: symmetric, seed: 0}``, :mod:`lightning_whiten.
+    noise`) corrupts the training labels only; validation labels stay clean. Asymmetric noise
+    uses Patrini et al.'s MNIST flips (2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1).
     """
 
     num_classes = 10
+    asymmetric_map: ClassVar[dict[int, int]] = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}  # Patrini et al.
 
     def __init__(self, image_size: int = 32, val_fraction: float = 0.2, augment: bool = True,
                  seed: int = 0, batch_size: int = 64, num_workers: int = 0,
-                 pin_memory: bool = False) -> None:  # fmt: skip
+                 pin_memory: bool = False,
+                 label_noise: dict[str, Any] | None = None) -> None:  # fmt: skip
         super().__init__(batch_size, num_workers, pin_memory)
+        self.label_noise = self._check_label_noise(label_noise)
         if not 0 < val_fraction < 1:
             raise ValueError(f"Digits: val_fraction must be in (0, 1), got {val_fraction}")
         self.image_size = image_size
@@ -174,7 +241,7 @@ class Digits(ImageDataModule):
             train_idx.append(idx[n_val:])
         tr, va = torch.cat(train_idx), torch.cat(val_idx)
         pad = self.image_size // 8 if self.augment else 0
-        self.train_set = _Augmented(images[tr], labels[tr], pad=pad)
+        self.train_set = _Augmented(images[tr], self._noisy(labels[tr], tr), pad=pad)
         self.val_set = TensorDataset(images[va], labels[va])
 
 
@@ -217,8 +284,10 @@ class _CIFAR(ImageDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  num_workers: int = 4, pin_memory: bool = False,
-                 autoaugment: bool = False) -> None:  # fmt: skip
+                 autoaugment: bool = False,
+                 label_noise: dict[str, Any] | None = None) -> None:  # fmt: skip
         super().__init__(batch_size, num_workers, pin_memory)
+        self.label_noise = self._check_label_noise(label_noise)
         self.data_dir = data_dir
         self.download = download
         self.autoaugment = autoaugment
@@ -248,6 +317,10 @@ class _CIFAR(ImageDataModule):
 
         val = T.Compose([T.ToTensor(), T.Normalize(self._mean, self._std)])
         self.train_set = self._dataset(True, transform=self.train_transform())
+        if self.label_noise:
+            clean = torch.as_tensor(self.train_set.targets, dtype=torch.long)
+            noisy = self._noisy(clean, torch.arange(clean.numel()))
+            self.train_set.targets = noisy.tolist()
         # CIFAR has no validation split: the test set serves as both (the papers' practice)
         self.val_set = self.test_set = self._dataset(False, transform=val)
 
@@ -269,9 +342,15 @@ class CIFAR10(_CIFAR):
     CIFAR setup of the IterNorm and SWBN papers); ``autoaugment=True`` adds AutoAugment's CIFAR-10
     policy after them (torchvision's ``AutoAugment``; the SAM-ON authors' command line uses the
     same policy, for CIFAR-100 too).
+
+    ``label_noise`` (``{rate, mode, seed}``, :mod:`lightning_whiten.noise`) corrupts the training
+    labels; asymmetric noise uses the ConvNorm authors' flips (truck -> automobile, bird ->
+    airplane, cat <-> dog, deer -> horse). CIFAR-100 has no built-in asymmetric map (give
+    ``mapping``).
     """
 
     num_classes = 10
+    asymmetric_map: ClassVar[dict[int, int]] = {9: 1, 2: 0, 3: 5, 5: 3, 4: 7}  # the authors'
     _mean = (0.4914, 0.4822, 0.4465)
     _std = (0.2470, 0.2435, 0.2616)
     _torchvision_name = "CIFAR10"

@@ -28,7 +28,8 @@ def test_recipe_parses(recipe, capsys):
         run(["fit", "--config", str(recipe), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"].endswith("ImageClassifier")
+    model = printed["model"]["class_path"].rsplit(".", 1)[-1]
+    assert model in ("ImageClassifier", "ProtoNet", "GAN", "CharLM"), model
     lines = recipe.read_text().splitlines()
     header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
     assert any(line.startswith("# EXPECTED") for line in header), (
@@ -56,7 +57,16 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
     config = yaml.safe_load(recipe.read_text())
     data = config["data"]
     name = data["class_path"].rsplit(".", 1)[-1]
-    if name.startswith("CIFAR"):
+    init = config["model"]["init_args"]
+    if config["model"]["class_path"].endswith(".GAN"):  # small networks, a quick feature net
+        init.update({"g_width": 16, "d_width": 16, "fd_samples": 16, "feature_epochs": 1})
+    if name.startswith("CIFAR") and config["model"]["class_path"].endswith(".GAN"):
+        # the GAN needs images in pixel units (SyntheticImages are not): digits at 32x32
+        config["data"] = {
+            "class_path": "lightning_whiten.data.Digits",
+            "init_args": {"image_size": 32, "batch_size": 8, "augment": False},
+        }
+    elif name.startswith("CIFAR"):
         config["data"] = {
             "class_path": "lightning_whiten.data.SyntheticImages",
             "init_args": {
@@ -72,6 +82,21 @@ def shrink(recipe: Path, tmp_path: Path) -> Path:
         config["data"]["init_args"].update(
             {"root": str(root), "image_size": 32, "batch_size": 6, "num_workers": 0}
         )
+    elif name == "FewShotImageFolder":  # disjoint class folders per split
+        root = tmp_path / "fewshot"
+        for split, first in (("train", 0), ("val", 3), ("test", 6)):
+            tiny_image_folder(root / "tmp" / split, classes=3, per_class=4)
+            for c in range(3):
+                (root / split).mkdir(parents=True, exist_ok=True)
+                (root / "tmp" / split / "train" / f"class{c}").rename(
+                    root / split / f"class{first + c}"
+                )
+        config["data"]["init_args"].update(
+            {"root": str(root), "image_size": 32, "n_way": 2, "k_shot": 1, "n_query": 2,
+             "train_n_way": 3, "num_workers": 0, "val_episodes": 2, "test_episodes": 2}
+        )  # fmt: skip
+    elif name.startswith("FewShot"):
+        config["data"]["init_args"].update({"val_episodes": 2, "test_episodes": 2})
     elif name == "Digits":  # online recipes keep their batch size of 1
         init = config["data"]["init_args"]
         init["batch_size"] = min(16, init.get("batch_size", 16))
@@ -115,7 +140,8 @@ def test_recipe_trains_one_step_on_tiny_data(recipe, tmp_path):
     else:
         assert not whitening
     assert cli.trainer.state.finished
-    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss_d" if "train/loss_d" in metrics else "train/loss"])
     sam = [c for c in cli.trainer.callbacks if isinstance(c, lw.NormSAMCallback)]
     if sam:  # the SAM recipes took their step with NormSAM (and logged its sharpness)
         assert sam[0].sam_steps == 1
@@ -216,3 +242,16 @@ def test_quickstart_short_form_reaches_95_percent_with_each_layer(tmp_path, laye
     assert accuracy >= 0.95, (layer, accuracy)
     converted = lw.registry.get_family(layer).layer
     assert sum(isinstance(m, converted) for m in cli.model.modules()) == 19
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["layernorm", "none"])
+def test_charlm_recipe_variants_from_the_command_line(norm, tmp_path):
+    # The header's variants: LayerNorm or nothing inside the recurrence (the recipe's
+    # norm_options are StreamingNorm's, so the command clears them).
+    recipe = Path(__file__).parent.parent / "recipes" / "charlm_streaming.yaml"
+    cli = run(["fit", "--config", str(shrink(recipe, tmp_path)), "--trainer.fast_dev_run", "true",
+               "--model.init_args.norm", norm, "--model.init_args.norm_options", "{}"])  # fmt: skip
+    layer = cli.model.net.norm[0]
+    assert isinstance(layer, torch.nn.LayerNorm if norm == "layernorm" else torch.nn.Identity)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])

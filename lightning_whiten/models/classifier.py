@@ -60,7 +60,7 @@ def create_backbone(
 ) -> nn.Module:
     """A classification network by name: ``"timm/<model>"``, ``"torchvision/<model>"``,
     ``"cifar/<model>"`` (``wrn28_10``, ``wrn16_4``, ``vgg``, ``resnetv2_56``, ``resnetv2_20``;
-    options ``norm``, ``norm_options``) or ``"small/<model>"`` (``mlp``, ``row_rnn``: the online
+    options ``norm``, ``norm_options``) or ``"small/<model>"`` (``mlp``, ``row_rnn``, ``conv_gru``: the online
     and recurrent networks of :mod:`lightning_whiten.models.small`).
 
     ``checkpoint_path`` loads weights from a local file (timm's ``pretrained_cfg_overlay=

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .norms import NormName, make_norm
+from .recurrent import ConvGRU
 
 __all__ = ["MLP", "SMALL_MODELS", "RowRNN"]
 
@@ -117,4 +118,5 @@ class RowRNN(nn.Module):
 SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "row_rnn": RowRNN,
+    "conv_gru": ConvGRU,
 }
