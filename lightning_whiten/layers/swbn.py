@@ -47,9 +47,16 @@ class SWBN(WhiteningNorm):
         num_features: channels ``C``.
         group_size: channels per group (default 64, as IterNorm's, so the two compare at equal
             group size; the paper does not prescribe one).
-        whitening_rate: step size alpha of the online update (default 1e-5, the paper's); keep
-            ``whitening_rate * group_size < 1`` (warned otherwise): beyond, the update of W grows
-            for strongly correlated channels; a diverging update is rejected (``diverged_batches``).
+        whitening_rate: step size alpha of the online update. Default ``"auto"``:
+            ``AUTO_RATE[criterion] / group_size`` (0.05 / d for KL, 0.15 / d for Frobenius), at
+            which W whitens within a few hundred steps. W moves by about ``alpha x steps``, so
+            the paper's 1e-5 (pass ``whitening_rate=1e-5``, or tie it to the learning rate as
+            the paper does) leaves SWBN equal to BatchNorm in runs shorter than tens of
+            thousands of steps. Keep ``whitening_rate * group_size < 1`` (warned otherwise):
+            beyond, the update of W grows for strongly correlated channels; a diverging update
+            is rejected (``diverged_batches``). With KL, a direction in which the batches never
+            vary grows by ``(1 + alpha)`` per step: over very long runs at a constant rate, tie
+            the rate to the learning rate or schedule it down.
         criterion: ``"kl"`` (default) or ``"fro"``.
         eps: added to the variance (default 1e-8, the paper's).
         momentum: running mean/var factor (default 0.05 per step, the paper's), or ``None``.
