@@ -579,7 +579,9 @@ def test_extra_repr_shows_the_options():
         "momentum=0.1",
     ):
         assert part in text
-    assert "whitening_rate=1e-05" in repr(lw.SWBN(8)) and "criterion='kl'" in repr(lw.SWBN(8))
+    # the default rate, "auto", is shown as the number it stands for: 0.05 / 8 for KL
+    assert "whitening_rate=0.00625" in repr(lw.SWBN(8)) and "criterion='kl'" in repr(lw.SWBN(8))
+    assert "whitening_rate=1e-05" in repr(lw.SWBN(8, whitening_rate=1e-5))
 
 
 def test_not_converted_by_convert_sync_batchnorm():

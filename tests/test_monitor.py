@@ -11,12 +11,12 @@ from test_callback import RecordingLogger
 import lightning_whiten as lw
 
 
-def fit(tmp_path, monitor=None, layer="iternorm", max_epochs=2, logger=None):
+def fit(tmp_path, monitor=None, layer="iternorm", max_epochs=2, logger=None, **options):
     seed_everything(0)
     model = TinyClassifier()
     callbacks = [
         lw.WhiteningCallback(
-            layer, layer_options={"group_size": 16}, exclude="aux", log_report=False
+            layer, layer_options={"group_size": 16, **options}, exclude="aux", log_report=False
         )
     ]
     if monitor is not None:
@@ -85,6 +85,42 @@ def test_monitor_compares_with_batchnorm_and_swbn(tmp_path):
     rows = {r["layer"]: r for r in monitor.summary_rows()}
     assert rows["net.1"]["type"] == "SWBN" and rows["net.1"]["iterations"] is None
     assert "aux.1" in rows and rows["aux.1"]["type"] == "BatchNorm1d"
+
+
+def test_swbn_distance_from_its_start_counts_real_channels_only():
+    from lightning_whiten.callbacks.monitor import swbn_distance
+
+    layer = lw.SWBN(6, group_size=4)  # groups of 4 and 2 channels (the second one padded)
+    with torch.no_grad():
+        layer.whitening.mul_(1.1)  # the padding block too: it must not count
+    # ||0.1 I_4||_F / 2 = 0.1 and ||0.1 I_2||_F / sqrt(2) = 0.1
+    assert swbn_distance(layer) == pytest.approx(0.1, rel=1e-6)
+    assert swbn_distance(layer, start=layer.whitening.double()) == 0.0
+
+
+def test_monitor_warns_once_when_swbn_ended_as_batchnorm(tmp_path, capsys):
+    # At the paper's per-step rate, 12 steps leave W at the identity to 1e-4: the run trained
+    # BatchNorm under another name, and the monitor says so (once).
+    logger = RecordingLogger()
+    monitor = lw.WhiteningMonitor(every_n_steps=0, snd_num_batches=2, snd_probes=2)
+    with pytest.warns(UserWarning, match=r"SWBN indistinguishable from BatchNorm") as record:
+        fit(tmp_path, monitor, layer="swbn", logger=logger, whitening_rate=1e-5)
+    assert sum("indistinguishable" in str(w.message) for w in record) == 1
+    keys = set().union(*logger.metrics)
+    assert {"whiten/net.1/w_distance", "whiten/net.1/bn_whiteness"} <= keys
+    rows = {r["layer"]: r for r in monitor.summary_rows()}
+    assert 0 < rows["net.1"]["w_distance"] < 1e-3
+    assert rows["net.1"]["whiteness"] == pytest.approx(rows["net.1"]["bn_whiteness"], rel=1e-2)
+    assert "|W-W0|" in capsys.readouterr().out
+
+
+def test_monitor_does_not_warn_when_swbn_whitens(tmp_path, recwarn):
+    monitor = lw.WhiteningMonitor(every_n_steps=0, snd_num_batches=2, snd_probes=2, summary=False)
+    fit(tmp_path, monitor, layer="swbn")  # the default rate, "auto"
+    assert not [w for w in recwarn if "indistinguishable" in str(w.message)]
+    row = {r["layer"]: r for r in monitor.summary_rows()}["net.1"]
+    assert row["w_distance"] > 0.01
+    assert row["whiteness"] < row["bn_whiteness"]
 
 
 def test_backward_timing_stops_at_each_layer(tmp_path):

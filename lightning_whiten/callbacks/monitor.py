@@ -8,7 +8,10 @@ synchronization happens on other steps.
 
 Quality (every ``snd_every_n_epochs``): SND and whiteness per layer (see
 :mod:`lightning_whiten.diagnostics`) on inputs captured with forward hooks during the first
-training batches of the epoch, with a fixed seed.
+training batches of the epoch, with a fixed seed. For SWBN also the distance of its whitening
+matrix from where it started, ``||W - W_0||_F / sqrt(d)`` (mean over groups), and the whiteness
+BatchNorm would give on the same inputs (``W = I``); at the end of fit a warning (once) when
+every SWBN layer's ``W`` is still within 1% of its start: SWBN then trained as BatchNorm.
 
 Under DDP, every metric is measured and logged on rank 0 only (ranks run the same model on
 same-sized batches; SND needs no collective).
@@ -29,9 +32,31 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..diagnostics import snd, whiteness
-from ..layers import IterNorm, WhiteningNorm
+from ..layers import SWBN, IterNorm, WhiteningNorm
 
-__all__ = ["WhiteningMonitor"]
+__all__ = ["WhiteningMonitor", "swbn_distance"]
+
+#: ``||W - W_0||_F / sqrt(d)`` below which an SWBN layer is reported as still BatchNorm: its
+#: output differs from BN's by about this fraction of the output's scale.
+SWBN_STILL_BN = 0.01
+
+
+@torch.no_grad()
+def swbn_distance(layer: SWBN, start: Tensor | None = None) -> float:
+    """How far SWBN's whitening matrix moved: ``mean_g ||W_g - W0_g||_F / sqrt(d_g)``.
+
+    ``start``: the ``(G, d, d)`` matrices it started from (default: the identity, a layer
+    converted from BatchNorm). Groups of ``d_g`` real channels (padding excluded).
+    """
+    w = layer.whitening.to(torch.float64)
+    w0 = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device) if start is None else start
+    diff = w - w0.to(w)
+    sizes = torch.tensor(layer.group_sizes, dtype=w.dtype, device=w.device)
+    mask = layer.group_mask
+    if mask is not None:  # the padded channels of the last group are not part of the layer
+        pair = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+        diff = diff * pair.to(diff.dtype)
+    return float((torch.linalg.matrix_norm(diff) / sizes.sqrt()).mean())
 
 
 class _Clock:
@@ -65,6 +90,7 @@ class _LayerStats:
     quality: dict[str, float] = field(default_factory=dict)
     quality_skipped: str | None = None  # why SND/whiteness could not be measured, if so
     cache: list[Tensor] = field(default_factory=list)
+    whitening_start: Tensor | None = None  # SWBN's W at fit start
     # per sampled step
     marks: list[tuple[Any, Any]] = field(default_factory=list)
     node_marks: list[list[Any]] = field(default_factory=list)
@@ -147,6 +173,7 @@ class WhiteningMonitor(Callback):
         self._step_start: Any = None
         self._clock: _Clock | None = None
         self._train_batch_size: int | None = None
+        self._warned_swbn = False
 
     # -- discovery ---------------------------------------------------------------------------
     def _wanted(self, name: str, module: nn.Module) -> bool:
@@ -167,6 +194,8 @@ class WhiteningMonitor(Callback):
             stats.buffer_bytes = sum(
                 b.numel() * b.element_size() for b in stats.module.buffers(recurse=False)
             )
+            if isinstance(stats.module, SWBN):
+                stats.whitening_start = stats.module.whitening.detach().to(torch.float64).clone()
         if not self.layers:
             from lightning.pytorch.utilities import rank_zero_warn
 
@@ -374,6 +403,13 @@ class WhiteningMonitor(Callback):
                 self.seed,
             )  # fmt: skip
             quality = {"snd": float(value), **whiteness(stats.module, inputs).summary()}
+            if isinstance(stats.module, SWBN):
+                layer = stats.module
+                proxy = nn.BatchNorm1d(layer.num_features, eps=layer.eps, device=inputs.device)
+                quality["bn_whiteness"] = float(
+                    whiteness(proxy, inputs, group_size=layer.group_size).error.mean()
+                )
+                quality["w_distance"] = swbn_distance(layer, stats.whitening_start)
         except (RuntimeError, ValueError) as err:  # e.g. torch.linalg.LinAlgError
             stats.quality_skipped = f"{type(err).__name__}: {err}".splitlines()[0][:120]
             return None
@@ -400,6 +436,10 @@ class WhiteningMonitor(Callback):
                 "iterations": getattr(m, "iterations", None) if isinstance(m, IterNorm) else None,
                 "snd": stats.quality.get("snd"),
                 "whiteness": stats.quality.get("whiteness"),
+                "bn_whiteness": stats.quality.get("bn_whiteness"),
+                "w_distance": (
+                    swbn_distance(m, stats.whitening_start) if isinstance(m, SWBN) else None
+                ),
                 "forward_ms": fwd,
                 "backward_ms": bwd,
                 "share_pct": 100.0 * (fwd + bwd) / total_step if total_step else float("nan"),
@@ -433,6 +473,8 @@ class WhiteningMonitor(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cleanup()
+        if trainer.is_global_zero:
+            self._warn_if_swbn_is_batchnorm()
         if not (self.summary and trainer.is_global_zero and self.layers):
             return
         from rich.table import Table
@@ -458,6 +500,8 @@ class WhiteningMonitor(Callback):
             "T",
             "SND",
             "whiteness",
+            "BN whiteness",
+            "|W-W0|",
             "fwd ms",
             "bwd ms",
             "share %",
@@ -466,10 +510,39 @@ class WhiteningMonitor(Callback):
         for row in self.summary_rows():
             table.add_row(
                 row["layer"], row["type"], fmt(row["group_size"], "d"), fmt(row["iterations"], "d"),
-                fmt(row["snd"], ".3f"), fmt(row["whiteness"], ".3f"), fmt(row["forward_ms"], ".2f"),
+                fmt(row["snd"], ".3f"), fmt(row["whiteness"], ".3f"),
+                fmt(row["bn_whiteness"], ".3f"), fmt(row["w_distance"], ".4f"),
+                fmt(row["forward_ms"], ".2f"),
                 fmt(row["backward_ms"], ".2f"), fmt(row["share_pct"], ".1f"),
             )  # fmt: skip
         print(render_table(table), end="")
+
+    def _warn_if_swbn_is_batchnorm(self) -> None:
+        """Warn once when every monitored SWBN layer ended within ``SWBN_STILL_BN`` of its start."""
+        swbn = {s.name: s for s in self.layers.values() if isinstance(s.module, SWBN)}
+        if not swbn or self._warned_swbn:
+            return
+        moved = {name: swbn_distance(s.module, s.whitening_start) for name, s in swbn.items()}
+        if max(moved.values()) >= SWBN_STILL_BN:
+            return
+        self._warned_swbn = True
+        rates = sorted({float(s.module.whitening_rate) for s in swbn.values()})
+        whiter = [
+            f"{name} {s.quality['whiteness']:.3f} vs {s.quality['bn_whiteness']:.3f}"
+            for name, s in swbn.items()
+            if "bn_whiteness" in s.quality
+        ][:3]
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"WhiteningMonitor: the run ended with SWBN indistinguishable from BatchNorm: the "
+            f"whitening matrices of its {len(swbn)} SWBN layer(s) moved at most "
+            f"{max(moved.values()):.2%} from their start (||W - W0||_F / sqrt(d))"
+            + (f"; output whiteness SWBN vs BN: {', '.join(whiter)}" if whiter else "")
+            + f". whitening_rate {', '.join(f'{r:g}' for r in rates)} is too small for this "
+            "run's length (W moves about whitening_rate x steps): use the default "
+            "whitening_rate='auto', or a larger rate (below 1 / group_size)."
+        )
 
 
 def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

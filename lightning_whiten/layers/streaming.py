@@ -68,8 +68,10 @@ class StreamingNorm(PerChannelNorm):
     * The long-term statistics start at ``running_mean = 0``, ``running_moment = 1`` (BatchNorm's
       initial running buffers) and are mixed in from the first call, as a prior that fades with
       ``momentum``. The authors' code uses the short-term statistics alone until the first
-      update, which at batch size 1 divides by ``eps`` at the first sample (``d = 0``) and
-      blows the first step up. ``from_batchnorm`` starts from the BN's statistics instead.
+      update. (Their Bessel-corrected standard deviation of one ``(1, C)`` sample is NaN, so
+      their layer outputs NaN at every step at batch size 1.) ``from_batchnorm`` starts from
+      the BN's statistics instead. Every difference from the authors' code is listed in the
+      StreamingNorm docs; ``tests/test_streaming_reference.py`` pins the agreement.
     * Streamed gradients: the short-term average includes the current call; before the first
       window closes the long-term gradient is taken as the short-term one (both as in the
       authors' code). The gradient is that of the p-th moment ``M``, not of its root.

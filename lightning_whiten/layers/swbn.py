@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -14,7 +14,11 @@ from ..registry import NormFamily, register_family
 from .base import WhiteningNorm, lerp_
 from .norm_act import NormActMixin
 
-__all__ = ["SWBN", "SWBNAct"]
+__all__ = ["AUTO_RATE", "SWBN", "SWBNAct"]
+
+#: ``whitening_rate="auto"``: this fraction of the stable bound ``1 / group_size``, per
+#: criterion (measured: ``benchmarks/swbn_rate.py``, see the SWBN docs).
+AUTO_RATE = {"kl": 0.05, "fro": 0.15}
 
 
 class SWBN(WhiteningNorm):
@@ -43,9 +47,16 @@ class SWBN(WhiteningNorm):
         num_features: channels ``C``.
         group_size: channels per group (default 64, as IterNorm's, so the two compare at equal
             group size; the paper does not prescribe one).
-        whitening_rate: step size alpha of the online update (default 1e-5, the paper's); keep
-            ``whitening_rate * group_size < 1`` (warned otherwise): beyond, the update of W grows
-            for strongly correlated channels; a diverging update is rejected (``diverged_batches``).
+        whitening_rate: step size alpha of the online update. Default ``"auto"``:
+            ``AUTO_RATE[criterion] / group_size`` (0.05 / d for KL, 0.15 / d for Frobenius), at
+            which W whitens within a few hundred steps. W moves by about ``alpha x steps``, so
+            the paper's 1e-5 (pass ``whitening_rate=1e-5``, or tie it to the learning rate as
+            the paper does) leaves SWBN equal to BatchNorm in runs shorter than tens of
+            thousands of steps. Keep ``whitening_rate * group_size < 1`` (warned otherwise):
+            beyond, the update of W grows for strongly correlated channels; a diverging update
+            is rejected (``diverged_batches``). With KL, a direction in which the batches never
+            vary grows by ``(1 + alpha)`` per step: over very long runs at a constant rate, tie
+            the rate to the learning rate or schedule it down.
         criterion: ``"kl"`` (default) or ``"fro"``.
         eps: added to the variance (default 1e-8, the paper's).
         momentum: running mean/var factor (default 0.05 per step, the paper's), or ``None``.
@@ -61,7 +72,7 @@ class SWBN(WhiteningNorm):
         self,
         num_features: int,
         group_size: int | None = 64,
-        whitening_rate: float = 1e-5,
+        whitening_rate: float | Literal["auto"] = "auto",
         criterion: SWBNCriterion = "kl",
         *,
         eps: float = 1e-8,
@@ -71,8 +82,8 @@ class SWBN(WhiteningNorm):
         if criterion not in ("kl", "fro"):
             raise ValueError(f"SWBN: criterion must be 'kl' or 'fro', got {criterion!r}")
         super().__init__(num_features, group_size=group_size, eps=eps, momentum=momentum, **kwargs)
-        self.whitening_rate = whitening_rate
         self.criterion = criterion
+        self.whitening_rate = whitening_rate  # after the criterion: "auto" depends on it
 
     def _register_state(self, factory: dict[str, Any]) -> None:
         self.register_buffer("whitening", self._identity_matrices(**factory))
@@ -88,8 +99,12 @@ class SWBN(WhiteningNorm):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "whitening_rate":
+            if isinstance(value, str) and value == "auto":
+                value = self.auto_whitening_rate()
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"SWBN: whitening_rate must be a number >= 0, got {value!r}")
+                raise ValueError(
+                    f"SWBN: whitening_rate must be a number >= 0 or 'auto', got {value!r}"
+                )
             size = self.__dict__.get("group_size")
             if size and value * size >= 1 and not self.__dict__.get("_rate_warned", False):
                 super().__setattr__("_rate_warned", True)
@@ -103,6 +118,11 @@ class SWBN(WhiteningNorm):
                     stacklevel=2,
                 )
         super().__setattr__(name, value)
+
+    def auto_whitening_rate(self) -> float:
+        """The rate ``whitening_rate="auto"`` stands for: ``AUTO_RATE[criterion] / group_size``
+        (0.05 / d for KL, 0.15 / d for Frobenius; d = 16: 3.1e-3 and 9.4e-3)."""
+        return AUTO_RATE[self.__dict__.get("criterion", "kl")] / self.__dict__["group_size"]
 
     def _matrix_map(self) -> MatrixMap:
         # The backward needs the W applied here, and _update_state then writes the buffer in
