@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._backend import canonicalize, full_precision
+from ._backend import canonicalize, compiling, full_precision
 
 __all__ = [
     "IterNormMap",
@@ -119,6 +119,77 @@ def _newton_backward(
     return gy
 
 
+# --------------------------------------------------------------------------------------------
+# The same Newton polynomial, evaluated on the eigenvalues
+# --------------------------------------------------------------------------------------------
+# Every Newton iterate P_k is a polynomial p_k in Sigma_N (p_0 = 1,
+# p_{k+1}(l) = 1.5 p_k(l) - 0.5 p_k(l)^3 l; the coupled form gives the same Z_k = p_k(Sigma_N)),
+# so with Sigma_N = U diag(l) U^T:  P_T = U diag(p_T(l)) U^T, and the exact gradient of the
+# truncated steps is the Daleckii-Krein formula  dSigma_N = U (D o (U^T dP U)) U^T  with the
+# divided differences D_ij = (p_T(l_i) - p_T(l_j)) / (l_i - l_j) (p_T'(l_i) on ties). D follows
+# the recursion of p itself, with no division at all (so no loss on near-equal eigenvalues):
+#   D_{k+1} = 1.5 D_k - 0.5 [ (p_k(a)^3 + p_k(b)^3) / 2
+#                             + (a + b) / 2 * D_k * (p_k(a)^2 + p_k(a) p_k(b) + p_k(b)^2) ]
+# (divided differences of f g and of p^3, written symmetrically in a = l_i, b = l_j).
+# Forward: one eigh + one product (the matrix iteration: 3 products per step); backward: four
+# products (the matrix chain: ~9 per step). Where this pays is measured, see _use_eigen.
+
+#: Smallest group size for which the eigen evaluation is used on CPU (measured on a 2-core
+#: Xeon, one thread, forward + backward of the map: at d = 16 LAPACK's per-matrix overhead in
+#: eigh cancels the saving; from d = 32 the eigen evaluation is faster). See docs/benchmarks.md.
+EIGEN_MIN_GROUP_SIZE = 32
+#: Newton steps above which the matrix iteration is kept for ``method="newton"``: the layer
+#: refuses more than 8 (float32 round-off of the *matrix* iteration grows beyond); the eigen
+#: evaluation would not show that divergence, and the layer's guard expects the iteration's
+#: own behaviour there.
+EIGEN_MAX_NEWTON_STEPS = 8
+
+
+def _use_eigen(s: Tensor, iterations: int, method: IterNormMethod) -> bool:
+    """Dispatch of :class:`IterNormMap`: eigen evaluation on CPU for groups of at least
+    :data:`EIGEN_MIN_GROUP_SIZE` channels in eager mode; the matrix iteration elsewhere (on GPUs
+    the batched products are cheap and ``eigh`` is not; under ``torch.compile`` the products
+    compile and fuse)."""
+    if compiling() or s.device.type != "cpu" or s.shape[-1] < EIGEN_MIN_GROUP_SIZE:
+        return False
+    return method == "coupled" or iterations <= EIGEN_MAX_NEWTON_STEPS
+
+
+def _eigen_forward(s: Tensor, iterations: int) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    """``p_T(s)`` through ``eigh``, and what :func:`_eigen_backward` needs; ``None`` when
+    LAPACK fails (the caller falls back to the matrix iteration)."""
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    # Non-finite groups: decompose the identity and give them a NaN matrix (as the iteration
+    # would), so the layer's non-finite guard sees the bad batch.
+    finite = torch.isfinite(s).flatten(-2).all(-1).view(-1, 1, 1)
+    try:
+        lam, u = torch.linalg.eigh(torch.where(finite, s, eye))
+    except torch.linalg.LinAlgError:
+        return None
+    ps = [torch.ones_like(lam)]
+    for _ in range(iterations):
+        p = ps[-1]
+        ps.append(1.5 * p - 0.5 * p**3 * lam)
+    w = (u * ps[-1].unsqueeze(-2)) @ u.transpose(-1, -2)
+    w = torch.where(finite, w, torch.full_like(w, float("nan")))
+    return w, (u, lam, torch.stack(ps[:-1]))
+
+
+def _eigen_backward(u: Tensor, lam: Tensor, ps: Tensor, grad: Tensor) -> Tensor:
+    """Exact gradient of ``p_T(s)`` w.r.t. ``s`` (any ``grad``, not only symmetric ones)."""
+    a, b = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    half_sum = 0.5 * (a + b)
+    dd = torch.full_like(half_sum, -0.5)  # p_1(l) = 1.5 - 0.5 l
+    for p in ps[1:]:
+        pa, pb = p.unsqueeze(-1), p.unsqueeze(-2)
+        pa3, pb3 = pa**3, pb**3
+        # 0.5 (pa^3 + pb^3) + half_sum * dd * (pa^2 + pa pb + pb^2)
+        inner = torch.addcmul(0.5 * (pa3 + pb3), half_sum * dd, pa * pa + pa * pb + pb * pb)
+        dd = torch.add(1.5 * dd, inner, alpha=-0.5)
+    ut = u.transpose(-1, -2)
+    return u @ (dd * (ut @ grad @ u)) @ ut
+
+
 class IterNormMap(MatrixMap):
     """IterNorm's ``W ~= (cov + eps I)^-1/2`` by ``T`` Newton steps (see :func:`iternorm_matrix`)."""
 
@@ -138,8 +209,16 @@ class IterNormMap(MatrixMap):
         trace = (diag if valid is None else diag * valid).sum(-1).view(-1, 1, 1)
         # The padding block must stay harmless for the iteration (eigenvalues 1/d keep it bounded).
         sigma_n = canonicalize(sigma / trace, valid, 1.0 / d)
-        p, iterates = _newton_forward(sigma_n, self.iterations, self.method)
+        eigen = None
+        if _use_eigen(sigma_n, self.iterations, self.method):
+            eigen = _eigen_forward(sigma_n, self.iterations)
+        if eigen is not None:
+            p, iterates = eigen
+        else:
+            p, iterates = _newton_forward(sigma_n, self.iterations, self.method)
         w = canonicalize(p * trace.rsqrt(), valid)
+        # The backward tells the evaluations apart by what was saved: (U, l, p_k(l)) has a
+        # (G, d) tensor second, the matrix iterates are all (G, d, d).
         return w, (sigma, trace, sigma_n, p, *iterates)
 
     def backward(self, saved, grad, valid=None):
@@ -148,9 +227,11 @@ class IterNormMap(MatrixMap):
         r = trace.rsqrt()
         # W = P tr^-1/2
         d_trace = (grad * p).sum((-1, -2), keepdim=True) * (-0.5) * r / trace
-        d_sn = _masked(
-            _newton_backward(sigma_n, iterates, grad * r, self.iterations, self.method), valid
-        )
+        if len(iterates) == 3 and iterates[1].dim() == 2:
+            d_sn = _eigen_backward(*iterates, grad * r)
+        else:
+            d_sn = _newton_backward(sigma_n, iterates, grad * r, self.iterations, self.method)
+        d_sn = _masked(d_sn, valid)
         # Sigma_N = Sigma / tr
         d_sigma = d_sn / trace
         d_trace = d_trace - (d_sn * sigma).sum((-1, -2), keepdim=True) / trace**2
