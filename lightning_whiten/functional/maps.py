@@ -73,11 +73,19 @@ def _newton_forward(
 ) -> tuple[Tensor, list[Tensor]]:
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
     if method == "newton":
-        ps = [eye]
-        for _ in range(iterations):
-            p = ps[-1]
-            ps.append(torch.baddbmm(p, p @ p @ p, s, beta=1.5, alpha=-0.5))
-        return ps[-1], ps[:-1]
+        # Every P_k is a polynomial in S: symmetric and commuting with S, so
+        # P^3 S = P (P (P S)), and the backward needs only P_k, Q_k = P_k S, R_k = P_k^2 S
+        # (saved). P_1 = 1.5 I - 0.5 S costs no product.
+        p = torch.add(1.5 * eye, s, alpha=-0.5)
+        saved = [p]
+        for _ in range(iterations - 1):
+            q = p @ s
+            r = p @ q
+            saved += [q, r]
+            p = torch.baddbmm(p, p, r, beta=1.5, alpha=-0.5)
+            saved.append(p)
+        # saved = [P_1, Q_1, R_1, P_2, ..., P_T]; the last one is the result
+        return p, saved[:-1]
     ys, zs = [s], [eye]
     for _ in range(iterations):
         t = torch.baddbmm(eye, zs[-1], ys[-1], beta=1.5, alpha=-0.5)
@@ -90,19 +98,23 @@ def _newton_backward(
     s: Tensor, saved: list[Tensor], grad: Tensor, iterations: int, method: IterNormMethod
 ) -> Tensor:
     """Exact gradient of the truncated iterations w.r.t. ``s`` (checked against autograd)."""
-    st = s.transpose(-1, -2)
     if method == "newton":
-        # P' = 1.5 P - 0.5 P^3 S:
-        # dP = 1.5 G - 0.5 (G (P^2 S)^T + P^T G (P S)^T + (P^2)^T G S^T),  dS = -0.5 (P^3)^T G
-        g, gs = grad, torch.zeros_like(s)
-        for k in range(iterations - 1, -1, -1):
-            p = saved[k]
-            pt = p.transpose(-1, -2)
-            p2t = (p @ p).transpose(-1, -2)
-            gs = torch.baddbmm(gs, p2t @ pt, g, alpha=-0.5)
-            term = g @ (st @ p2t) + pt @ g @ (st @ pt) + p2t @ (g @ st)
-            g = torch.add(1.5 * g, term, alpha=-0.5)
-        return gs
+        # P' = 1.5 P - 0.5 P^3 S with P, S symmetric and commuting (P = p(S)), Q = P S,
+        # R = P^2 S (all symmetric):
+        #   dP = 1.5 G - 0.5 (G R + P G Q + P^2 G S),   dS += -0.5 P^3 G
+        # 6 products per step (a general chain needs ~10); the first step (P_0 = I) needs
+        # none: its dS is -0.5 G and there is no dP_0 to propagate.
+        g, gs = grad, None
+        for k in range(iterations - 1, 0, -1):
+            p, q, r = saved[3 * (k - 1)], saved[3 * (k - 1) + 1], saved[3 * (k - 1) + 2]
+            pg = p @ g
+            p2g = p @ pg
+            part = torch.baddbmm(g @ r, pg, q)
+            part = torch.baddbmm(part, p2g, s)
+            ds = p @ p2g
+            gs = -0.5 * ds if gs is None else torch.add(gs, ds, alpha=-0.5)
+            g = torch.add(1.5 * g, part, alpha=-0.5)
+        return -0.5 * g if gs is None else torch.add(gs, g, alpha=-0.5)
     # coupled: T = 1.5 I - 0.5 Z Y, Y' = Y T, Z' = T Z, output Z_T, Y_0 = S, Z_0 = I
     ys, zs = saved[:iterations], saved[iterations:]
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
@@ -132,12 +144,14 @@ def _newton_backward(
 #                             + (a + b) / 2 * D_k * (p_k(a)^2 + p_k(a) p_k(b) + p_k(b)^2) ]
 # (divided differences of f g and of p^3, written symmetrically in a = l_i, b = l_j).
 # Forward: one eigh + one product (the matrix iteration: 3 products per step); backward: four
-# products (the matrix chain: ~9 per step). Where this pays is measured, see _use_eigen.
+# products (the matrix chain: 6 per step). Where this pays is measured, see
+# EIGEN_MIN_GROUP_SIZE.
 
-#: Smallest group size for which the eigen evaluation is used on CPU (measured on a 2-core
-#: Xeon, one thread, forward + backward of the map: at d = 16 LAPACK's per-matrix overhead in
-#: eigh cancels the saving; from d = 32 the eigen evaluation is faster). See docs/benchmarks.md.
-EIGEN_MIN_GROUP_SIZE = 32
+#: Smallest group size for which the eigen evaluation is used on CPU. Measured (2-core Xeon, one
+#: thread, forward + backward of the map, interleaved, against the 6-products-per-step chain
+#: below): the chain is faster at d <= 32 (1.5-2x: LAPACK's per-matrix cost in eigh), equal at
+#: d = 64, and 1.5-3x slower from d = 128 (36 products of d^3 against one eigh and 5 products).
+EIGEN_MIN_GROUP_SIZE = 128
 #: Newton steps above which the matrix iteration is kept for ``method="newton"``: the layer
 #: refuses more than 8 (float32 round-off of the *matrix* iteration grows beyond); the eigen
 #: evaluation would not show that divergence, and the layer's guard expects the iteration's
