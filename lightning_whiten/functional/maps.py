@@ -147,9 +147,9 @@ def _newton_backward(
 # products (the matrix chain: 6 per step). Where this pays is measured, see
 # EIGEN_MIN_GROUP_SIZE.
 
-#: Smallest group size for which the eigen evaluation is used on CPU. Measured (2-core Xeon, one
-#: thread, forward + backward of the map, interleaved, against the 6-products-per-step chain
-#: below): the chain is faster at d <= 32 (1.5-2x: LAPACK's per-matrix cost in eigh), equal at
+#: Smallest group size for which the eigen evaluation is used on CPU. Measured (2-core AMD EPYC
+#: VM, one thread, forward + backward of the map, interleaved, against the 6-products-per-step
+#: chain below): the chain is faster at d <= 32 (1.5-2x: LAPACK's per-matrix cost in eigh), equal at
 #: d = 64, and 1.5-3x slower from d = 128 (36 products of d^3 against one eigh and 5 products).
 EIGEN_MIN_GROUP_SIZE = 128
 #: Newton steps above which the matrix iteration is kept for ``method="newton"``: the layer
@@ -370,7 +370,10 @@ def iternorm_matrix(
     Returns:
         ``(G, d, d)`` whitening matrices (canonical padding). The gradient is the exact gradient
         of the ``T`` truncated steps (a hand-written backward over the saved ``(G, d, d)``
-        iterates, checked against autograd in the tests).
+        iterates, checked against autograd in the tests). On CPU, for groups of at least
+        :data:`EIGEN_MIN_GROUP_SIZE` channels, the same polynomial ``p_T`` is evaluated on the
+        eigenvalues of ``Sigma_N`` and differentiated by its divided differences (equal in
+        exact arithmetic, faster there; see ``docs/benchmarks.md``).
     """
     fn = IterNormMap(iterations, eps, method, valid)
     return _MatrixMapFn.apply(cov, fn, *fn.tensors())
