@@ -189,9 +189,10 @@ def _per_sample(layout: GroupLayout, v: Tensor, kind: str) -> bool:
     small once ``L <= 2 d`` (ResNet's last stages: 8x8 or 7x7 positions in groups of 64;
     measured 20-30% off those GEMMs). A loop over samples reads the matrices in place and
     accumulates the Gram matrix in place, at one call per sample: kept for ``L >= 16``, where a
-    call's work is well above its overhead.
+    call's work is well above its overhead. CPU only: on a GPU the loop would be ``n`` kernel
+    launches instead of one (not measured there; the batched form is kept).
     """
-    if kind != "cf" or layout.padded:
+    if kind != "cf" or layout.padded or v.device.type != "cpu":
         return False
     length = v.shape[-1]
     return 16 <= length <= 2 * layout.group_size
