@@ -1,4 +1,15 @@
-"""Layer level: forward + backward time and peak memory next to BatchNorm and plain autograd."""
+"""Layer level: forward + backward time and peak memory next to BatchNorm, plain autograd (the
+authors' formulation) and the layer's floor.
+
+The floor of a whitening layer is the time of the activation-sized GEMMs its exact forward +
+backward cannot avoid, run alone on the same shapes, layouts and precision (``floor_step``),
+plus BatchNorm's own time (the elementwise passes and allocations every normalization pays):
+
+* IterNorm and DBN: the covariance ``sum x x^T``, the whitening ``W x``, and in the backward
+  ``sum dy x^T``, ``A^T dy`` and ``S x`` (two GEMMs accumulated into one ``dx``): 5 GEMMs of
+  ``2 N C L d`` FLOPs each;
+* SWBN: the same without ``S x`` (its covariance gradient is diagonal: a per-channel scale): 4.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +20,7 @@ import torch
 from torch import nn
 
 import lightning_whiten as lw
+from lightning_whiten.functional import _backend as FW
 
 from .baselines import PlainDBN, PlainIterNorm, PlainSWBN
 from .common import median_ms, peak_memory_bytes
@@ -29,6 +41,46 @@ def candidates(channels: int) -> dict[str, Any]:
         "plain SWBN g64": lambda: PlainSWBN(channels, 64),
         "plain DBN g16": lambda: PlainDBN(channels, 16),
     }
+
+
+#: The activation-sized GEMMs of each family's training step (see the module docstring).
+FLOOR_GEMMS = {"IterNorm": 5, "DBN": 5, "SWBN": 4}
+
+
+def floor_step(x: torch.Tensor, grad: torch.Tensor, group_size: int, gemms: int):
+    """A step of the ``gemms`` (4 or 5) activation-sized GEMMs of a whitening layer alone: the
+    same backend kernels, views, layouts and cache-sized chunks as the layer, each GEMM in a
+    pass of its own, into preallocated outputs (no statistics, no elementwise work)."""
+    layout = FW.group_layout(x.shape[1], group_size)
+    v, kind = FW._as_view(x.detach())
+    g = FW._in_view_of(grad, kind)
+    d = layout.group_size
+    mats = torch.eye(d, dtype=x.dtype, device=x.device).repeat(layout.num_groups, 1, 1)
+    mats = mats + 0.01 * torch.randn_like(mats)
+    y, dx = torch.empty_like(v), torch.empty_like(v)
+    chunks = FW._chunks(v)
+
+    def step() -> None:
+        for rows in chunks:  # covariance
+            FW._gram(v[rows], v[rows], kind, layout)
+        for rows in chunks:  # whitening
+            FW._gmm(mats, v[rows], kind, layout, y[rows])
+        for rows in chunks:  # backward: sum dy x^T
+            FW._gram(g[rows], v[rows], kind, layout)
+        for rows in chunks:  # backward: A^T dy (+ S x into the same chunk of dx)
+            FW._gmm(mats, g[rows], kind, layout, dx[rows])
+            if gemms == 5:
+                FW._gmm(mats, v[rows], kind, layout, dx[rows], accumulate=True)
+
+    return step
+
+
+def _floor_key(name: str) -> tuple[str, int] | None:
+    """``("IterNorm", 16)`` for "IterNorm g16 T5" (ours, not the plain baselines)."""
+    family, *rest = name.split()
+    if family not in FLOOR_GEMMS or not rest or not rest[0].startswith("g"):
+        return None
+    return family, int(rest[0][1:])
 
 
 def run(
@@ -72,6 +124,16 @@ def run(
                 y.backward(grad.to(y.dtype))
 
             steps[name] = step
+        # The floors' GEMMs, timed in the same rounds (only in float32, the layer's precision).
+        floors = {}
+        if dtype is None:
+            for name in list(steps):
+                key = _floor_key(name)
+                if key is not None:
+                    label = f"floor GEMMs {key[0]} g{key[1]}"
+                    floors[name] = label
+                    if label not in steps:
+                        steps[label] = floor_step(x, grad, key[1], FLOOR_GEMMS[key[0]])
         # Interleaved rounds (every candidate once per round): slow drifts of a shared machine
         # hit all candidates alike, and ratios are taken per round.
         times: dict[str, list[float]] = {name: [] for name in steps}
@@ -80,20 +142,36 @@ def run(
         for _ in range(rounds):
             for name, step in steps.items():
                 times[name].append(median_ms(step, device, warmup=0, repeats=1))
-        memory = {name: peak_memory_bytes(step, device) / 2**20 for name, step in steps.items()}
+        memory = {
+            name: peak_memory_bytes(step, device) / 2**20
+            for name, step in steps.items()
+            if not name.startswith("floor")
+        }
 
         def median(values: list[float]) -> float:
             return sorted(values)[len(values) // 2]
 
         bn = times["BatchNorm2d"]
         for name, values in times.items():
+            if name.startswith("floor"):
+                continue
             plain_times = times.get(f"plain {name}")
+            # floor = GEMMs alone + BatchNorm, per round
+            floor = (
+                [f + b for f, b in zip(times[floors[name]], bn, strict=True)]
+                if name in floors
+                else None
+            )
             rows.append({
                 "shape": "x".join(map(str, shape)),
                 "layer": name,
                 "ms": median(values),
                 "vs_bn": median([a / b for a, b in zip(values, bn, strict=True)]),
                 "vs_plain": median([p / a for p, a in zip(plain_times, values, strict=True)]) if plain_times else None,
+                "vs_authors": median([a / p for p, a in zip(plain_times, values, strict=True)]) if plain_times else None,
+                "gemm_ms": median(times[floors[name]]) if floor else None,
+                "floor_ms": median(floor) if floor else None,
+                "vs_floor": median([a / f for a, f in zip(values, floor, strict=True)]) if floor else None,
                 "peak_mb": memory[name],
                 "mem_vs_bn": memory[name] / memory["BatchNorm2d"],
             })  # fmt: skip

@@ -39,15 +39,27 @@ def _step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
     return step
 
 
-def run(device: torch.device, quick: bool = False, batch_scale: int = 1) -> list[dict[str, Any]]:
+def run(
+    device: torch.device,
+    quick: bool = False,
+    batch_scale: int = 1,
+    models: list[str] | None = None,
+    layers: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """A training step of each model with every BN converted, interleaved with BN's;
+    ``models``/``layers`` pick a subset of :data:`MODELS`/:data:`LAYERS` (BN always runs)."""
     rows = []
     for name, (arch, batch, size) in MODELS.items():
+        if models is not None and name not in models:
+            continue
         torch.manual_seed(0)
         base = timm.create_model(arch, pretrained=False, num_classes=100).to(device)
         images = torch.randn(batch * batch_scale, 3, size, size, device=device)
         labels = torch.randint(0, 100, (batch * batch_scale,), device=device)
         steps = {}
         for label, spec in LAYERS.items():
+            if spec is not None and layers is not None and label not in layers:
+                continue
             model = copy.deepcopy(base).train()
             if spec is not None:
                 lw.convert(model, spec[0], **spec[1])

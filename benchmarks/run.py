@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             "ms",
             "x BN",
             "plain autograd / ours",
+            "ours / authors'",
+            "GEMMs ms",
+            "floor ms",
+            "ours / floor",
             "peak MB",
             "memory x BN",
         ]
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 r["ms"],
                 r["vs_bn"],
                 r["vs_plain"],
+                r["vs_authors"],
+                r["gemm_ms"],
+                r["floor_ms"],
+                r["vs_floor"],
                 r["peak_mb"],
                 r["mem_vs_bn"],
             ]

@@ -21,5 +21,12 @@ def test_layer_benchmark_measures_every_candidate_on_every_shape():
         for r in rows:
             if r["shape"] == key and f"plain {r['layer']}" in names:
                 assert r["vs_plain"] is not None, r
+                assert r["vs_authors"] is not None, r
+            # every whitening layer of ours has its floor: its GEMMs alone plus BatchNorm's time
+            if r["shape"] == key and r["layer"].split()[0] in layers.FLOOR_GEMMS:
+                assert 0 < r["gemm_ms"] < r["floor_ms"], r
+                assert r["vs_floor"] > 0, r
+            if r["layer"].startswith(("plain", "BatchNorm")):
+                assert r["vs_floor"] is None, r
     without_plain = layers.run(torch.device("cpu"), quick=True, shapes=shapes[:1], plain=False)
     assert not any(r["layer"].startswith("plain") for r in without_plain)

@@ -9,6 +9,7 @@ import torch
 import lightning_whiten as lw
 from lightning_whiten import functional as F
 from lightning_whiten.functional import _backend as FW
+from lightning_whiten.functional import maps as M
 
 
 def spd(groups: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -53,6 +54,104 @@ def test_iternorm_matrix_with_a_padded_group():
         )
 
     assert torch.autograd.gradcheck(real_blocks, (cov,))
+
+
+def _count_eigen_calls(monkeypatch) -> list[int]:
+    """Spy on the eigen evaluation of IterNormMap (to check the dispatch took it)."""
+    calls: list[int] = []
+    original = M._eigen_forward
+
+    def spy(s, iterations):
+        calls.append(s.shape[-1])
+        return original(s, iterations)
+
+    monkeypatch.setattr(M, "_eigen_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["newton", "coupled"])
+@pytest.mark.parametrize("iterations", [1, 3, 6])
+def test_iternorm_eigen_evaluation_is_the_gradient_of_the_truncated_steps(
+    monkeypatch, method, iterations
+):
+    # The same polynomial on the eigenvalues, backward by divided differences: equal to autograd
+    # through the paper's unrolled matrix iteration, for a gradient that is not symmetric too.
+    monkeypatch.setattr(M, "EIGEN_MIN_GROUP_SIZE", 1)
+    calls = _count_eigen_calls(monkeypatch)
+    cov = spd(3, 5, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(
+        symmetric_input(lambda c: F.iternorm_matrix(c, iterations, 1e-5, method)), (cov,)
+    )
+    g = torch.randn(3, 5, 5, dtype=torch.float64)
+    w = F.iternorm_matrix(cov, iterations, 1e-5, method)
+    (ours,) = torch.autograd.grad(w, cov, g)
+    cov2 = cov.detach().clone().requires_grad_()
+    unrolled = torch.stack([ref.newton_inverse_sqrt(c, iterations, 1e-5) for c in cov2])
+    (theirs,) = torch.autograd.grad(unrolled, cov2, g)
+    torch.testing.assert_close(w, unrolled, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
+    assert calls
+
+
+def test_iternorm_eigen_backward_is_exact_on_repeated_eigenvalues(monkeypatch):
+    # Ties (and near-ties) are where 1 / (l_i - l_j) would blow up; the divided differences are
+    # computed by their own recursion and must stay equal to the unrolled iteration's gradient.
+    monkeypatch.setattr(M, "EIGEN_MIN_GROUP_SIZE", 1)
+    calls = _count_eigen_calls(monkeypatch)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    evals = torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0 + 1e-13, 3.0], dtype=torch.float64)
+    cov = (q @ torch.diag(evals) @ q.T).unsqueeze(0)
+    cov = torch.cat([cov, torch.eye(6, dtype=torch.float64).unsqueeze(0)]).requires_grad_()
+    g = torch.randn(2, 6, 6, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(F.iternorm_matrix(cov, 5, 1e-5), cov, g)
+    cov2 = cov.detach().clone().requires_grad_()
+    unrolled = torch.stack([ref.newton_inverse_sqrt(c, 5, 1e-5) for c in cov2])
+    (theirs,) = torch.autograd.grad(unrolled, cov2, g)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
+    assert calls == [6]
+
+
+def test_iternorm_eigen_evaluation_with_padding_and_a_non_finite_group(monkeypatch):
+    monkeypatch.setattr(M, "EIGEN_MIN_GROUP_SIZE", 1)
+    calls = _count_eigen_calls(monkeypatch)
+    layout = F.group_layout(12, 5)  # 5 + 5 + 2
+    valid = F.valid_mask(layout)
+    cov = F.canonicalize(spd(3, 5), valid)
+    w = F.iternorm_matrix(cov, 5, 1e-5, "newton", valid)
+    torch.testing.assert_close(w[-1, 2:, 2:], torch.eye(3, dtype=torch.float64))
+    expected = ref.newton_inverse_sqrt(cov[-1, :2, :2], 5, 1e-5)
+    torch.testing.assert_close(w[-1, :2, :2], expected)
+    bad = cov.clone()
+    bad[1, 0, 0] = float("nan")
+    w_bad = F.iternorm_matrix(bad, 5, 1e-5, "newton", valid)
+    assert torch.isnan(w_bad[1]).all()  # the bad group shows as NaN, as the iteration would ...
+    torch.testing.assert_close(w_bad[0], w[0])  # ... and leaves the others alone
+    assert len(calls) == 2
+
+
+def test_iternorm_dispatch_and_layer_on_the_eigen_path_match_the_reference(monkeypatch):
+    calls = _count_eigen_calls(monkeypatch)
+    # Below the group size threshold (and on the refused Newton step counts) the matrix
+    # iteration runs; from it on, the eigen evaluation.
+    F.iternorm_matrix(spd(2, M.EIGEN_MIN_GROUP_SIZE - 1), 5, 1e-5)
+    F.iternorm_matrix(spd(2, M.EIGEN_MIN_GROUP_SIZE), M.EIGEN_MAX_NEWTON_STEPS + 1, 1e-5)
+    assert calls == []
+    # A layer of 40 channels in groups of 32 (one padded group of 8), float64 reference.
+    d = M.EIGEN_MIN_GROUP_SIZE
+    layer = lw.IterNorm(d + 8, group_size=d, dtype=torch.float64)
+    x = ref.correlated((64, d + 8, 3, 3))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(xa)
+    assert calls == [d]
+    expected = ref.whiten(
+        xb, d, lambda c: ref.newton_inverse_sqrt(c, 5, 1e-5), layer.weight, layer.bias
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-10)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expected.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_zca_and_standardize_backward():
@@ -120,6 +219,38 @@ def test_many_small_chunks_give_the_same_result(monkeypatch, name, shape, memory
     xb = x.clone().requires_grad_()
     y = layer(xa)
     expected = ref.whiten(xb, 8, fn, layer.weight, layer.bias)
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expected.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["iternorm", "dbn", "swbn"])
+def test_per_sample_gemms_of_small_spatial_inputs_match_the_reference(name):
+    # 8 positions per sample in groups of 16 channels: the channels-first GEMMs loop over samples
+    # (no copied matrices, Gram matrices accumulated in place); same result as the reference.
+    layout = F.group_layout(32, 16)
+    x = ref.correlated((6, 32, 4, 4)) * 2 + 3
+    assert FW._per_sample(layout, FW._as_view(x)[0], "cf")
+    layer = {
+        "iternorm": lambda: lw.IterNorm(32, group_size=16, dtype=torch.float64),
+        "dbn": lambda: lw.DBN(32, group_size=16, dtype=torch.float64),
+        "swbn": lambda: lw.SWBN(
+            32, group_size=16, eps=1e-5, whitening_rate=0.0, dtype=torch.float64
+        ),
+    }[name]()
+    fn = {
+        "iternorm": lambda c: ref.newton_inverse_sqrt(c, 5, 1e-5),
+        "dbn": lambda c: ref.zca_inverse_sqrt(c, 1e-5),
+        "swbn": lambda c: torch.diag((c.diagonal() + 1e-5).rsqrt()),
+    }[name]
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(xa)
+    expected = ref.whiten(xb, 16, fn, layer.weight, layer.bias)
     torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
     g = torch.randn_like(y)
     y.backward(g)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._backend import canonicalize, full_precision
+from ._backend import canonicalize, compiling, full_precision
 
 __all__ = [
     "IterNormMap",
@@ -73,11 +73,19 @@ def _newton_forward(
 ) -> tuple[Tensor, list[Tensor]]:
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
     if method == "newton":
-        ps = [eye]
-        for _ in range(iterations):
-            p = ps[-1]
-            ps.append(torch.baddbmm(p, p @ p @ p, s, beta=1.5, alpha=-0.5))
-        return ps[-1], ps[:-1]
+        # Every P_k is a polynomial in S: symmetric and commuting with S, so
+        # P^3 S = P (P (P S)), and the backward needs only P_k, Q_k = P_k S, R_k = P_k^2 S
+        # (saved). P_1 = 1.5 I - 0.5 S costs no product.
+        p = torch.add(1.5 * eye, s, alpha=-0.5)
+        saved = [p]
+        for _ in range(iterations - 1):
+            q = p @ s
+            r = p @ q
+            saved += [q, r]
+            p = torch.baddbmm(p, p, r, beta=1.5, alpha=-0.5)
+            saved.append(p)
+        # saved = [P_1, Q_1, R_1, P_2, ..., P_T]; the last one is the result
+        return p, saved[:-1]
     ys, zs = [s], [eye]
     for _ in range(iterations):
         t = torch.baddbmm(eye, zs[-1], ys[-1], beta=1.5, alpha=-0.5)
@@ -90,19 +98,23 @@ def _newton_backward(
     s: Tensor, saved: list[Tensor], grad: Tensor, iterations: int, method: IterNormMethod
 ) -> Tensor:
     """Exact gradient of the truncated iterations w.r.t. ``s`` (checked against autograd)."""
-    st = s.transpose(-1, -2)
     if method == "newton":
-        # P' = 1.5 P - 0.5 P^3 S:
-        # dP = 1.5 G - 0.5 (G (P^2 S)^T + P^T G (P S)^T + (P^2)^T G S^T),  dS = -0.5 (P^3)^T G
-        g, gs = grad, torch.zeros_like(s)
-        for k in range(iterations - 1, -1, -1):
-            p = saved[k]
-            pt = p.transpose(-1, -2)
-            p2t = (p @ p).transpose(-1, -2)
-            gs = torch.baddbmm(gs, p2t @ pt, g, alpha=-0.5)
-            term = g @ (st @ p2t) + pt @ g @ (st @ pt) + p2t @ (g @ st)
-            g = torch.add(1.5 * g, term, alpha=-0.5)
-        return gs
+        # P' = 1.5 P - 0.5 P^3 S with P, S symmetric and commuting (P = p(S)), Q = P S,
+        # R = P^2 S (all symmetric):
+        #   dP = 1.5 G - 0.5 (G R + P G Q + P^2 G S),   dS += -0.5 P^3 G
+        # 6 products per step (a general chain needs ~10); the first step (P_0 = I) needs
+        # none: its dS is -0.5 G and there is no dP_0 to propagate.
+        g, gs = grad, None
+        for k in range(iterations - 1, 0, -1):
+            p, q, r = saved[3 * (k - 1)], saved[3 * (k - 1) + 1], saved[3 * (k - 1) + 2]
+            pg = p @ g
+            p2g = p @ pg
+            part = torch.baddbmm(g @ r, pg, q)
+            part = torch.baddbmm(part, p2g, s)
+            ds = p @ p2g
+            gs = -0.5 * ds if gs is None else torch.add(gs, ds, alpha=-0.5)
+            g = torch.add(1.5 * g, part, alpha=-0.5)
+        return -0.5 * g if gs is None else torch.add(gs, g, alpha=-0.5)
     # coupled: T = 1.5 I - 0.5 Z Y, Y' = Y T, Z' = T Z, output Z_T, Y_0 = S, Z_0 = I
     ys, zs = saved[:iterations], saved[iterations:]
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
@@ -117,6 +129,79 @@ def _newton_backward(
             torch.baddbmm(t.transpose(-1, -2) @ gz, gt, yt, alpha=-0.5),
         )
     return gy
+
+
+# --------------------------------------------------------------------------------------------
+# The same Newton polynomial, evaluated on the eigenvalues
+# --------------------------------------------------------------------------------------------
+# Every Newton iterate P_k is a polynomial p_k in Sigma_N (p_0 = 1,
+# p_{k+1}(l) = 1.5 p_k(l) - 0.5 p_k(l)^3 l; the coupled form gives the same Z_k = p_k(Sigma_N)),
+# so with Sigma_N = U diag(l) U^T:  P_T = U diag(p_T(l)) U^T, and the exact gradient of the
+# truncated steps is the Daleckii-Krein formula  dSigma_N = U (D o (U^T dP U)) U^T  with the
+# divided differences D_ij = (p_T(l_i) - p_T(l_j)) / (l_i - l_j) (p_T'(l_i) on ties). D follows
+# the recursion of p itself, with no division at all (so no loss on near-equal eigenvalues):
+#   D_{k+1} = 1.5 D_k - 0.5 [ (p_k(a)^3 + p_k(b)^3) / 2
+#                             + (a + b) / 2 * D_k * (p_k(a)^2 + p_k(a) p_k(b) + p_k(b)^2) ]
+# (divided differences of f g and of p^3, written symmetrically in a = l_i, b = l_j).
+# Forward: one eigh + one product (the matrix iteration: 3 products per step); backward: four
+# products (the matrix chain: 6 per step). Where this pays is measured, see
+# EIGEN_MIN_GROUP_SIZE.
+
+#: Smallest group size for which the eigen evaluation is used on CPU. Measured (2-core AMD EPYC
+#: VM, one thread, forward + backward of the map, interleaved, against the 6-products-per-step
+#: chain below): the chain is faster at d <= 32 (1.5-2x: LAPACK's per-matrix cost in eigh), equal at
+#: d = 64, and 1.5-3x slower from d = 128 (36 products of d^3 against one eigh and 5 products).
+EIGEN_MIN_GROUP_SIZE = 128
+#: Newton steps above which the matrix iteration is kept for ``method="newton"``: the layer
+#: refuses more than 8 (float32 round-off of the *matrix* iteration grows beyond); the eigen
+#: evaluation would not show that divergence, and the layer's guard expects the iteration's
+#: own behaviour there.
+EIGEN_MAX_NEWTON_STEPS = 8
+
+
+def _use_eigen(s: Tensor, iterations: int, method: IterNormMethod) -> bool:
+    """Dispatch of :class:`IterNormMap`: eigen evaluation on CPU for groups of at least
+    :data:`EIGEN_MIN_GROUP_SIZE` channels in eager mode; the matrix iteration elsewhere (on GPUs
+    the batched products are cheap and ``eigh`` is not; under ``torch.compile`` the products
+    compile and fuse)."""
+    if compiling() or s.device.type != "cpu" or s.shape[-1] < EIGEN_MIN_GROUP_SIZE:
+        return False
+    return method == "coupled" or iterations <= EIGEN_MAX_NEWTON_STEPS
+
+
+def _eigen_forward(s: Tensor, iterations: int) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    """``p_T(s)`` through ``eigh``, and what :func:`_eigen_backward` needs; ``None`` when
+    LAPACK fails (the caller falls back to the matrix iteration)."""
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    # Non-finite groups: decompose the identity and give them a NaN matrix (as the iteration
+    # would), so the layer's non-finite guard sees the bad batch.
+    finite = torch.isfinite(s).flatten(-2).all(-1).view(-1, 1, 1)
+    try:
+        lam, u = torch.linalg.eigh(torch.where(finite, s, eye))
+    except torch.linalg.LinAlgError:
+        return None
+    ps = [torch.ones_like(lam)]
+    for _ in range(iterations):
+        p = ps[-1]
+        ps.append(1.5 * p - 0.5 * p**3 * lam)
+    w = (u * ps[-1].unsqueeze(-2)) @ u.transpose(-1, -2)
+    w = torch.where(finite, w, torch.full_like(w, float("nan")))
+    return w, (u, lam, torch.stack(ps[:-1]))
+
+
+def _eigen_backward(u: Tensor, lam: Tensor, ps: Tensor, grad: Tensor) -> Tensor:
+    """Exact gradient of ``p_T(s)`` w.r.t. ``s`` (any ``grad``, not only symmetric ones)."""
+    a, b = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    half_sum = 0.5 * (a + b)
+    dd = torch.full_like(half_sum, -0.5)  # p_1(l) = 1.5 - 0.5 l
+    for p in ps[1:]:
+        pa, pb = p.unsqueeze(-1), p.unsqueeze(-2)
+        pa3, pb3 = pa**3, pb**3
+        # 0.5 (pa^3 + pb^3) + half_sum * dd * (pa^2 + pa pb + pb^2)
+        inner = torch.addcmul(0.5 * (pa3 + pb3), half_sum * dd, pa * pa + pa * pb + pb * pb)
+        dd = torch.add(1.5 * dd, inner, alpha=-0.5)
+    ut = u.transpose(-1, -2)
+    return u @ (dd * (ut @ grad @ u)) @ ut
 
 
 class IterNormMap(MatrixMap):
@@ -138,8 +223,16 @@ class IterNormMap(MatrixMap):
         trace = (diag if valid is None else diag * valid).sum(-1).view(-1, 1, 1)
         # The padding block must stay harmless for the iteration (eigenvalues 1/d keep it bounded).
         sigma_n = canonicalize(sigma / trace, valid, 1.0 / d)
-        p, iterates = _newton_forward(sigma_n, self.iterations, self.method)
+        eigen = None
+        if _use_eigen(sigma_n, self.iterations, self.method):
+            eigen = _eigen_forward(sigma_n, self.iterations)
+        if eigen is not None:
+            p, iterates = eigen
+        else:
+            p, iterates = _newton_forward(sigma_n, self.iterations, self.method)
         w = canonicalize(p * trace.rsqrt(), valid)
+        # The backward tells the evaluations apart by what was saved: (U, l, p_k(l)) has a
+        # (G, d) tensor second, the matrix iterates are all (G, d, d).
         return w, (sigma, trace, sigma_n, p, *iterates)
 
     def backward(self, saved, grad, valid=None):
@@ -148,9 +241,11 @@ class IterNormMap(MatrixMap):
         r = trace.rsqrt()
         # W = P tr^-1/2
         d_trace = (grad * p).sum((-1, -2), keepdim=True) * (-0.5) * r / trace
-        d_sn = _masked(
-            _newton_backward(sigma_n, iterates, grad * r, self.iterations, self.method), valid
-        )
+        if len(iterates) == 3 and iterates[1].dim() == 2:
+            d_sn = _eigen_backward(*iterates, grad * r)
+        else:
+            d_sn = _newton_backward(sigma_n, iterates, grad * r, self.iterations, self.method)
+        d_sn = _masked(d_sn, valid)
         # Sigma_N = Sigma / tr
         d_sigma = d_sn / trace
         d_trace = d_trace - (d_sn * sigma).sum((-1, -2), keepdim=True) / trace**2
@@ -285,7 +380,10 @@ def iternorm_matrix(
     Returns:
         ``(G, d, d)`` whitening matrices (canonical padding). The gradient is the exact gradient
         of the ``T`` truncated steps (a hand-written backward over the saved ``(G, d, d)``
-        iterates, checked against autograd in the tests).
+        iterates, checked against autograd in the tests). On CPU, for groups of at least
+        :data:`EIGEN_MIN_GROUP_SIZE` channels, the same polynomial ``p_T`` is evaluated on the
+        eigenvalues of ``Sigma_N`` and differentiated by its divided differences (equal in
+        exact arithmetic, faster there; see ``docs/benchmarks.md``).
     """
     fn = IterNormMap(iterations, eps, method, valid)
     return _MatrixMapFn.apply(cov, fn, *fn.tensors())
