@@ -186,6 +186,8 @@ class WhiteningCallback(Callback):
         _configure_model(trainer, pl_module)  # it may call convert_in_configure_model
         if self._converted is not pl_module:
             self._convert(trainer, pl_module)
+        if stage == "fit":
+            _rebuild_averaged_copies(trainer, pl_module, stage)
 
     def _convert(
         self,
@@ -209,8 +211,6 @@ class WhiteningCallback(Callback):
             rank_zero_info("WhiteningCallback: converting normalization layers")
         self.report = plan.apply(pl_module)
         self._converted = pl_module
-        if stage == "fit":
-            _rebuild_averaged_copies(trainer, pl_module, stage)
         layers = [m for m in pl_module.modules() if family_of(m) is not None]
         if self.sync is not None:
             for m in layers:
