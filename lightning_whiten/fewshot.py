@@ -372,6 +372,12 @@ class ProtoNet(pl.LightningModule):
         """Embeddings ``(B, D)`` of images ``(B, C, H, W)``."""
         return self.net(x)
 
+    def recalibration_step(self, batch: dict[str, Tensor]) -> Tensor:
+        """What :func:`lightning_whiten.recalibrate` runs per episode (``WhiteningCallback``'s
+        ``recalibrate_batches``): support and query images through the embedding in one
+        batch, as in training."""
+        return self(torch.cat([batch["support"], batch["query"]]))
+
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         """``-||f(q) - p_c||^2``: ``(N*Q, N)`` logits of an episode's queries."""
         support, query = batch["support"], batch["query"]

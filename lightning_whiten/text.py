@@ -135,6 +135,11 @@ class CharLM(pl.LightningModule):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.net(tokens)
 
+    def recalibration_step(self, batch: Any) -> Tensor:
+        """What :func:`lightning_whiten.recalibrate` runs per batch: the input tokens through
+        the model (``WhiteningCallback``'s ``recalibrate_batches``)."""
+        return self(batch[0])
+
     def _loss(self, batch: Any) -> Tensor:
         tokens, targets = batch
         logits = self(tokens)

@@ -229,6 +229,20 @@ class WhiteningNorm(Float32Buffers):
         processes it is synced across); DBN narrows it when the batch is too small."""
         return self._matrix_map()
 
+    #: Whether :meth:`_batch_map` depends on the batch size (DBN's small-batch cap). Such a
+    #: layer reads the synced sample count before whitening (one scalar all-reduce per step
+    #: under DDP), so that every rank whitens with the same map even when batches are uneven.
+    _batch_map_reads_samples: bool = False
+
+    def _samples_per_channel(self, x: Tensor, group: Any) -> int:
+        """Samples per channel of this training batch, summed over the synced processes."""
+        local = x.numel() // self.num_features
+        if group is None or not self._batch_map_reads_samples:
+            return local
+        count = torch.tensor([float(local)], dtype=torch.float64, device=x.device)
+        torch.distributed.all_reduce(count, group=group)
+        return int(count.item())
+
     def inference_map(self) -> tuple[Tensor, Tensor]:
         """The eval-time map as ``(matrices (G, d, d), offset (C,))``: eval output is
         ``weight * (A_g (x_g - offset_g)) + bias`` per group (``A`` block-diagonal)."""
@@ -370,8 +384,7 @@ class WhiteningNorm(Float32Buffers):
             if batch_stats:
                 if update and self._warns_rank_deficient and not compiling():
                     self._warn_if_rank_deficient(x, group)
-                processes = torch.distributed.get_world_size(group) if group is not None else 1
-                fn = self._batch_map(x.numel() // self.num_features * processes)
+                fn = self._batch_map(self._samples_per_channel(x, group))
                 result = whiten(xf, fn, self.group_size, weight, bias, group)
                 # Only a rank with a one-sample batch reads the global count (no sync else).
                 local_one = group is not None and x.numel() < 2 * self.num_features

@@ -73,6 +73,7 @@ class DBN(RunningWhiteningNorm):
     #: steps at lr 0.01): whole groups (16 samples for 16 channels) took parameters to 5e6 or
     #: NaN; at 2 samples per channel to 20-114; at 4 to 6-29 (batch 16: 1.3-3.7, uncapped).
     min_samples_per_channel: float = 4.0
+    _batch_map_reads_samples = True
     #: Version 2 keeps ``running_cov`` (version 1 averaged the batch matrices themselves).
     _version = 2
 

@@ -234,6 +234,16 @@ class GAN(pl.LightningModule):
         """Generated images ``(N, C, S, S)`` in ``[-1, 1]``."""
         return self.generator(z)
 
+    def recalibration_step(self, batch: Any) -> None:
+        """What :func:`lightning_whiten.recalibrate` runs per batch (``WhiteningCallback``'s
+        ``recalibrate_batches``): the normalization layers of both networks see what they see
+        in a training step -- the generator a fresh noise batch, the discriminator the real
+        images and the generated ones."""
+        x = self.to_gan(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        fake = self.sample(x.shape[0])
+        self.discriminator(x)
+        self.discriminator(fake)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         z = torch.randn(n, self.hparams.z_dim, generator=generator).to(self.device)
         return self(z)
