@@ -186,3 +186,19 @@ class ShardedClassifier(TinyClassifier):
                 fully_shard(module, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
         self._sharded = True
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    """A quiet one-epoch CPU Trainer writing under ``tmp_path`` (``kwargs`` override)."""
+    options = {
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        **kwargs,
+    }
+    return pl.Trainer(callbacks=callbacks, **options)

@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import BufferDump, TinyClassifier, loader, make_data
+from lightning_helpers import BufferDump, TinyClassifier, loader, make_data, trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_whiten as lw
 from lightning_whiten.layers import WhiteningNorm
 from lightning_whiten.schedules import Constant, Cosine, Linear, Piecewise, Step
-
-
-def trainer(tmp_path, callbacks, **kwargs) -> Trainer:
-    options = {
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "enable_checkpointing": False,
-        **kwargs,
-    }
-    return Trainer(callbacks=callbacks, **options)
 
 
 class RecordingLogger(Logger):

@@ -9,31 +9,23 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import ShardedClassifier, StateDump, TinyClassifier, loader, make_data
+from lightning_helpers import (
+    ShardedClassifier,
+    StateDump,
+    TinyClassifier,
+    loader,
+    make_data,
+    trainer,
+)
 from torch.utils.data import DataLoader
 
 import lightning_whiten as lw
 from lightning_whiten.schedules import Linear
 
 OPTIONS = {"group_size": 8, "iterations": 5}
-
-
-def trainer(tmp_path, callbacks, **kwargs) -> Trainer:
-    options = {
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "enable_checkpointing": False,
-        **kwargs,
-    }
-    return Trainer(callbacks=callbacks, **options)
 
 
 def callback(**kwargs) -> lw.WhiteningCallback:
