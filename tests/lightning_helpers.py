@@ -23,11 +23,12 @@ def loader(batch_size: int = 16, n: int = 96, seed: int = 0) -> DataLoader:
     return DataLoader(make_data(n, seed), batch_size=batch_size, shuffle=False)
 
 
-def build_net(width: int = 32) -> nn.Sequential:
+def build_net(width: int = 32, num_classes: int = 4) -> nn.Sequential:
+    """Two conv-BN-ReLU blocks, pooled, and a linear classifier (3-channel input)."""
     return nn.Sequential(
         nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
     )  # fmt: skip
 
 

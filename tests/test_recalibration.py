@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning_helpers import build_net
 from reference import as_matrix, group_sizes, newton_inverse_sqrt, zca_inverse_sqrt
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,11 +34,7 @@ def digits(n_train: int = 1400):
 
 
 def tiny_cnn(width: int = 32) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
-    )  # fmt: skip
+    return build_net(width, num_classes=10)  # digits: 10 classes
 
 
 @torch.no_grad()
