@@ -123,6 +123,8 @@ def test_running_whitening_is_momentum_average_of_batch_matrices(name):
     layer = make(name, momentum=0.25)
     x = ref.correlated((64, 40))
     layer(x)
+    # (DBN derives its eval matrix when it is read: inference_map, eval, state_dict)
+    matrices = layer.inference_map()[0]
     fn = LAYERS[name][2](1e-5)
     covs = ref.batch_covariances(x, 16)
     for g, cov in enumerate(covs):
@@ -134,11 +136,9 @@ def test_running_whitening_is_momentum_average_of_batch_matrices(name):
             expected = fn(running_cov)
         else:
             expected = 0.75 * eye + 0.25 * fn(cov)
-        torch.testing.assert_close(layer.running_whitening[g, :s, :s], expected)
+        torch.testing.assert_close(matrices[g, :s, :s], expected)
     # padding block stays the identity
-    torch.testing.assert_close(
-        layer.running_whitening[2, 8:, 8:], torch.eye(8, dtype=torch.float64)
-    )
+    torch.testing.assert_close(matrices[2, 8:, 8:], torch.eye(8, dtype=torch.float64))
     torch.testing.assert_close(layer.running_mean, 0.25 * ref.as_matrix(x).mean(1))
     assert int(layer.num_batches_tracked) == 1
 
@@ -233,6 +233,34 @@ def test_gradcheck_float64(name):
         return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (inp,))
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_dbn_eval_map_follows_the_running_covariance_wherever_it_is_read():
+    # DBN derives running_whitening = (running_cov + eps I)^-1/2 when it is read, not after
+    # every training batch: eval, state_dict, a buffer swap (weight averaging) and an eps
+    # schedule must all see the matrix of the current covariance.
+    def zca_of(layer):
+        return ref.zca_inverse_sqrt(layer.running_cov[0].to(torch.float64), layer.eps)
+
+    layer = lw.DBN(16, group_size=16, momentum=0.5, dtype=torch.float64)
+    for _ in range(3):
+        layer(ref.correlated((64, 16)))
+    torch.testing.assert_close(layer.running_whitening[0], zca_of(layer))  # a plain read
+    layer(ref.correlated((64, 16)))
+    state = layer.state_dict()
+    torch.testing.assert_close(state["running_whitening"][0], zca_of(layer))
+    fresh = lw.DBN(16, group_size=16, dtype=torch.float64)
+    fresh.load_state_dict(state)
+    x = ref.correlated((32, 16))
+    torch.testing.assert_close(fresh.eval()(x), layer.eval()(x))
+    # running_cov replaced behind the layer's back (EMA/SWA swapping buffers in)
+    layer.train()(ref.correlated((64, 16)))
+    with torch.no_grad():
+        layer.running_cov.copy_(fresh.running_cov)
+    torch.testing.assert_close(layer.inference_map()[0], fresh.inference_map()[0])
+    # a schedule moving eps
+    layer.eps = 1e-2
+    torch.testing.assert_close(layer.inference_map()[0][0], zca_of(layer))
 
 
 def test_dbn_warns_once_when_the_batch_is_too_small_for_its_groups():

@@ -371,15 +371,31 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class _HighestMatmulPrecision:
-    """Full float32 matrix products inside, the user's setting restored on exit."""
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+class _FullPrecision:
+    """Eager :func:`full_precision`: autocast off and full float32 products inside, the user's
+    settings restored on exit. Enters only what is on (every layer step crosses this three
+    times: a plain ``ExitStack`` of two context managers cost ~15 us each time)."""
+
+    __slots__ = ("autocast", "device_type", "previous")
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
 
     def __enter__(self) -> None:
         self.previous = torch.get_float32_matmul_precision()
         if self.previous != "highest":
             torch.set_float32_matmul_precision("highest")
+        self.autocast = None
+        if self.device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(self.device_type):
+            self.autocast = torch.autocast(device_type=self.device_type, enabled=False)
+            self.autocast.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        if self.autocast is not None:
+            self.autocast.__exit__(*exc)
         if self.previous != "highest":
             torch.set_float32_matmul_precision(self.previous)
 
@@ -395,17 +411,11 @@ def full_precision(t: Tensor) -> contextlib.AbstractContextManager:
     restored on exit. Under ``torch.compile`` only autocast is handled (the precision is a
     global setting the compiler reads when it compiles; see the README).
     """
-    autocast = (
-        torch.autocast(device_type=t.device.type, enabled=False)
-        if t.device.type in ("cpu", "cuda", "xpu", "mps")
-        else contextlib.nullcontext()
-    )
     if compiling():
-        return autocast
-    stack = contextlib.ExitStack()
-    stack.enter_context(_HighestMatmulPrecision())
-    stack.enter_context(autocast)
-    return stack
+        if t.device.type in _AUTOCAST_DEVICES:
+            return torch.autocast(device_type=t.device.type, enabled=False)
+        return contextlib.nullcontext()
+    return _FullPrecision(t.device.type)  # type: ignore[return-value]
 
 
 @torch.library.custom_op("lightning_whiten::snapshot", mutates_args=())
