@@ -71,12 +71,12 @@ def _masked(t: Tensor, valid: Tensor | None) -> Tensor:
 def _newton_forward(
     s: Tensor, iterations: int, method: IterNormMethod
 ) -> tuple[Tensor, list[Tensor]]:
-    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
     if method == "newton":
         # Every P_k is a polynomial in S: symmetric and commuting with S, so
         # P^3 S = P (P (P S)), and the backward needs only P_k, Q_k = P_k S, R_k = P_k^2 S
         # (saved). P_1 = 1.5 I - 0.5 S costs no product.
-        p = torch.add(1.5 * eye, s, alpha=-0.5)
+        p = s * -0.5
+        p.diagonal(dim1=-2, dim2=-1).add_(1.5)
         saved = [p]
         for _ in range(iterations - 1):
             q = p @ s
@@ -86,6 +86,7 @@ def _newton_forward(
             saved.append(p)
         # saved = [P_1, Q_1, R_1, P_2, ..., P_T]; the last one is the result
         return p, saved[:-1]
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
     ys, zs = [s], [eye]
     for _ in range(iterations):
         t = torch.baddbmm(eye, zs[-1], ys[-1], beta=1.5, alpha=-0.5)
@@ -104,17 +105,20 @@ def _newton_backward(
         #   dP = 1.5 G - 0.5 (G R + P G Q + P^2 G S),   dS += -0.5 P^3 G
         # 6 products per step (a general chain needs ~10); the first step (P_0 = I) needs
         # none: its dS is -0.5 G and there is no dP_0 to propagate.
+        # (The scalings ride on baddbmm's alpha/beta: no separate elementwise kernels.)
         g, gs = grad, None
         for k in range(iterations - 1, 0, -1):
             p, q, r = saved[3 * (k - 1)], saved[3 * (k - 1) + 1], saved[3 * (k - 1) + 2]
             pg = p @ g
             p2g = p @ pg
-            part = torch.baddbmm(g @ r, pg, q)
-            part = torch.baddbmm(part, p2g, s)
-            ds = p @ p2g
-            gs = -0.5 * ds if gs is None else torch.add(gs, ds, alpha=-0.5)
-            g = torch.add(1.5 * g, part, alpha=-0.5)
-        return -0.5 * g if gs is None else torch.add(gs, g, alpha=-0.5)
+            if gs is None:  # beta=0: the input only gives the shape
+                gs = torch.baddbmm(p2g, p, p2g, beta=0.0, alpha=-0.5)
+            else:
+                gs.baddbmm_(p, p2g, alpha=-0.5)
+            g_next = torch.baddbmm(g, g, r, beta=1.5, alpha=-0.5)
+            g_next.baddbmm_(pg, q, alpha=-0.5)
+            g = g_next.baddbmm_(p2g, s, alpha=-0.5)
+        return -0.5 * g if gs is None else gs.add_(g, alpha=-0.5)
     # coupled: T = 1.5 I - 0.5 Z Y, Y' = Y T, Z' = T Z, output Z_T, Y_0 = S, Z_0 = I
     ys, zs = saved[:iterations], saved[iterations:]
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
