@@ -50,6 +50,7 @@ from ._backend import (
     _as_view,
     _channel_sum,
     _channel_view,
+    _empty_like_view,
     _from_view,
     _in_view_of,
     compiling,
@@ -222,14 +223,18 @@ def _input_grad(
     if compiling():
         a, b, k = (_channel_view(t, kind) for t in (c_dy, c_const, c_phi))
         return _from_view(g * a + b + k * _phi(v - cview, p), kind, x)
-    dxv = channel_affine(g, c_dy, c_const)  # one fused pass: c_dy * g + c_const
-    k = _channel_view(c_phi, kind)
+    # One pass: each chunk of dx is written once, from its chunks of g and x, while in cache
+    # (an ATen per-channel affine over the whole tensor first, then a second read-modify-write
+    # of dx with the phi term, measured 1.2-1.4x slower at 8x8 and 16x16 positions).
+    a, b, k = (_channel_view(t, kind) for t in (c_dy, c_const, c_phi))
+    out, dxv = _empty_like_view(x, kind, v.dtype)
     chunks = _row_chunks(v)
     buf = torch.empty_like(v[chunks[0]])
     for rows in chunks:
         phi = _phi_(torch.sub(v[rows], cview, out=buf[: rows.stop - rows.start]), p)
-        dxv[rows].addcmul_(phi, k)
-    return _from_view(dxv, kind, x)
+        phi.mul_(k).add_(b)
+        torch.mul(g[rows], a, out=dxv[rows]).add_(phi)
+    return out
 
 
 def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
