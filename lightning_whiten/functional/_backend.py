@@ -462,6 +462,22 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def _group_major_gram(layout: GroupLayout) -> bool:
+    """Whether :func:`_moments` centers a channels-first chunk into a group-major buffer.
+
+    The centering pass writes a buffer anyway; written as ``(C, n, L)`` instead of
+    ``(n, C, L)`` (a transposed copy of blocks of ``L`` contiguous values), each group is one
+    contiguous ``(d, n L)`` matrix and the chunk's Gram matrices are a single ``bmm`` over the
+    groups with ``K = n L``, instead of one partial product per sample (summed afterwards, or
+    accumulated by a loop over samples). Measured (2-core AMD EPYC, statistics pass alone,
+    cold and hot caches): 0.55-0.70x the time at 8x8 and 4x4 positions, 0.8-0.9x at 16x16 and
+    32x32 in groups of 16; slower only for a single group (``G = 1``: one GEMM with a long
+    ``K`` does not use both cores; 1.3x at (64, 64, 32, 32) in one group of 64), where the
+    per-sample form is kept. Not for a padded last group (the groups must tile ``C``).
+    """
+    return layout.num_groups > 1 and not layout.padded
+
+
 def _moments(v: Tensor, kind: str, layout: GroupLayout) -> tuple[Tensor, Tensor, Tensor]:
     """Exact centered moments in one pass over ``v``: ``(count, mean, M2)`` in float64.
 
@@ -471,17 +487,29 @@ def _moments(v: Tensor, kind: str, layout: GroupLayout) -> tuple[Tensor, Tensor,
         mean = sum_c n_c mu_c / n,   M2 = sum_c [G_c + n_c (mu_c - mean)(mu_c - mean)^T]
     """
     counts, means, grams = [], [], []
+    scratch = v.device.type == "cpu" and not compiling() and _SCRATCH
+    group_major = scratch and kind == "cf" and _group_major_gram(layout)
     for rows in _chunks(v):
         chunk = v[rows]
         n = chunk.numel() // layout.num_features
         mean = chunk.mean(dim=(0, 2)) if kind == "cf" else chunk.mean(dim=0)
-        if v.device.type == "cpu" and not compiling() and _SCRATCH:
-            centered = torch.sub(chunk, _channel_view(mean, kind), out=_scratch.get(chunk))
+        if group_major:
+            # Centered straight into a group-major buffer (C, n, L): each group is then one
+            # (d, n L) matrix and the Gram matrices are one bmm over the groups, with no
+            # per-sample partial products (see _group_major_gram).
+            buf = _scratch.get(chunk).view(layout.num_features, chunk.shape[0], -1)
+            torch.sub(chunk.transpose(0, 1), mean.view(-1, 1, 1), out=buf)
+            xg = buf.view(layout.num_groups, layout.group_size, -1)
+            gram = torch.bmm(xg, xg.transpose(1, 2))
         else:
-            centered = chunk - _channel_view(mean, kind)
+            if scratch:
+                centered = torch.sub(chunk, _channel_view(mean, kind), out=_scratch.get(chunk))
+            else:
+                centered = chunk - _channel_view(mean, kind)
+            gram = _gram(centered, centered, kind, layout)
         counts.append(n)
         means.append(mean)
-        grams.append(_gram(centered, centered, kind, layout))
+        grams.append(gram)
     count = float(sum(counts))
     # Built with fill kernels, not torch.tensor(): a host-to-device copy would synchronize
     # the host with the GPU in every layer's forward (and break CUDA-graph capture).
