@@ -59,10 +59,21 @@ def floor_step(x: torch.Tensor, grad: torch.Tensor, group_size: int, gemms: int)
     mats = mats + 0.01 * torch.randn_like(mats)
     y, dx = torch.empty_like(v), torch.empty_like(v)
     chunks = FW._chunks(v)
+    # The covariance GEMM as the layer runs it: on a channels-first chunk centered into a
+    # group-major (C, n, L) buffer, one bmm over the groups (see FW._group_major_gram).
+    group_major = None
+    if kind == "cf" and FW._group_major_gram(layout) and x.device.type == "cpu":
+        group_major = [
+            v[rows].transpose(0, 1).contiguous().view(layout.num_groups, d, -1) for rows in chunks
+        ]
 
     def step() -> None:
-        for rows in chunks:  # covariance
-            FW._gram(v[rows], v[rows], kind, layout)
+        if group_major is not None:
+            for xg in group_major:  # covariance
+                torch.bmm(xg, xg.transpose(1, 2))
+        else:
+            for rows in chunks:  # covariance
+                FW._gram(v[rows], v[rows], kind, layout)
         for rows in chunks:  # whitening
             FW._gmm(mats, v[rows], kind, layout, y[rows])
         for rows in chunks:  # backward: sum dy x^T

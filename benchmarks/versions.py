@@ -72,6 +72,8 @@ def layers(before: Any, rounds: int) -> list[dict[str, Any]]:
             modules[f"IterNorm g64 {tag}"] = lib.IterNorm(c, group_size=64)
             modules[f"DBN g16 {tag}"] = lib.DBN(c, group_size=16)
             modules[f"SWBN g64 {tag}"] = lib.SWBN(c, group_size=64)
+            modules[f"LpNorm p1 {tag}"] = lib.LpNorm(c, p=1)
+            modules[f"StreamingNorm p1 {tag}"] = lib.StreamingNorm(c, p=1)
         modules["authors IterNorm g16"] = PlainIterNorm(c, 16, 5)
         modules["authors IterNorm g64"] = PlainIterNorm(c, 64, 5)
         steps = {}
@@ -98,7 +100,13 @@ def layers(before: Any, rounds: int) -> list[dict[str, Any]]:
                 continue
             family, group, *tag = name.replace("authors ", "").split()
             gemms = 4 if family == "SWBN" else 5
-            floor = [a + b for a, b in zip(times[f"GEMMs {group} ({gemms})"], bn, strict=True)]
+            # (Lp/Streaming normalization has no GEMM: BN itself is its floor)
+            floor_key = f"GEMMs {group} ({gemms})"
+            floor = (
+                [a + b for a, b in zip(times[floor_key], bn, strict=True)]
+                if floor_key in times
+                else bn
+            )
             authors = times.get(f"authors IterNorm {group}") if family == "IterNorm" else None
             other = {"before": "after", "after": "before"}.get(tag[0] if tag else "")
             rows.append({
@@ -110,7 +118,7 @@ def layers(before: Any, rounds: int) -> list[dict[str, Any]]:
                 "vs_authors": ratio(name, authors) if authors and tag else None,
                 "after_vs_before": ratio(name, times[f"{family} {group} before"]) if other == "before" else None,
                 "bn_ms": _median(bn) * 1e3,
-                "gemm_ms": _median(times[f"GEMMs {group} ({gemms})"]) * 1e3,
+                "gemm_ms": _median(times[floor_key]) * 1e3 if floor_key in times else None,
             })  # fmt: skip
     return rows
 
