@@ -258,6 +258,27 @@ def test_per_sample_gemms_of_small_spatial_inputs_match_the_reference(name):
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("chunk_bytes", [256, 2**22], ids=["many-chunks", "one-chunk"])
+def test_group_major_statistics_match_the_reference(monkeypatch, chunk_bytes):
+    # Channels-first input in unpadded groups: the statistics pass centers each chunk into a
+    # group-major buffer and takes its Gram matrices with one bmm over the groups.
+    monkeypatch.setattr(FW, "_CHUNK_BYTES", chunk_bytes)
+    layout = F.group_layout(24, 8)
+    assert FW._group_major_gram(layout)
+    assert not FW._group_major_gram(F.group_layout(20, 8))  # padded: per-sample/batched
+    assert not FW._group_major_gram(F.group_layout(8, 8))  # one group: per-sample/batched
+    x = ref.correlated((7, 24, 5, 3)) * 3 + 5
+    moments = F.batch_covariance(x, 8)
+    torch.testing.assert_close(moments.mean, ref.as_matrix(x).mean(1), rtol=1e-12, atol=1e-12)
+    for g, expected in enumerate(ref.batch_covariances(x, 8)):
+        torch.testing.assert_close(moments.cov[g], expected, rtol=1e-10, atol=1e-12)
+    # float32 with a mean 1000x the spread: still exact to float32 precision (centered first)
+    base = ref.correlated((16, 24, 4, 4))
+    big = F.batch_covariance((base + 1000.0).float(), 8)
+    for g, expected in enumerate(ref.batch_covariances(base, 8)):
+        torch.testing.assert_close(big.cov[g].double(), expected, rtol=1e-3, atol=1e-4)
+
+
 def test_statistics_are_exact_for_large_means_in_float32():
     # mean/std = 1000: raw moments E[x x^T] - mu mu^T would lose every digit in float32.
     torch.manual_seed(0)
