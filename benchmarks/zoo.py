@@ -61,7 +61,11 @@ MODELS: list[tuple[str, str, int]] = [
     ("timm", "efficientvit_b0", 48),
     ("timm", "resnest14d", 48),  # split attention
     ("timm", "fastvit_t8", 64),  # re-parameterizable identity branches
-    ("timm", "efficientvit_m0", 64),  # BatchNorm on attention layers
+    # BatchNorm on attention layers. At 64 px its last stage is 1x1 (4 samples per channel at
+    # batch 4) and even plain BatchNorm's gradients reach 1.4e3 in two steps (96 px: 70), so
+    # whether DBN or LpNorm stayed bounded there depended on float summation order (thread
+    # count, GEMM layout): a coin toss, not a check.
+    ("timm", "efficientvit_m0", 96),
     ("timm", "lcnet_050", 48),
     ("torchvision", "resnet18", 48),
     ("torchvision", "mobilenet_v3_small", 48),
